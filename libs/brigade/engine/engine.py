@@ -1,0 +1,298 @@
+"""The engine: `add_request`, `step`, `abort`, and an offline `generate`.
+
+Synchronous and single-threaded by design; services call `step` from a worker thread so the event
+loop never blocks on a model step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from brigade.engine.runner import Runner
+from brigade.engine.sampler import Sampled, Sampler, SampleRow
+from brigade.engine.sampling import SamplingParams
+from brigade.engine.scheduler import Scheduler
+from brigade.engine.sequence import Sequence as Seq
+from brigade.kernels.attention import make_attention
+from brigade.kv.manager import KvManager
+from brigade.kv.pool import BlockPool, KvEvent
+from brigade.model.llama import Model, load_model
+from brigade.model.tokenizer import Detokenizer, Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `param` names the offending field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine; services build it from their flags."""
+
+    model: str
+    block_size: int = 16
+    num_blocks: int | None = None  # None: size from kv_cache_bytes
+    kv_cache_bytes: int = 512 << 20
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    max_model_len: int | None = None
+    attention: str = "auto"  # torch | triton | auto
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None  # torch threads; None leaves torch's setting alone
+    seed: int = 0
+    hash_seed: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # stop | length | abort
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    logprobs: list[Sampled] | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as `generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[Sampled] = field(default_factory=list)
+
+
+@dataclass
+class _Text:
+    """Per-request detokenization state and the stop-string hold-back."""
+
+    detok: Detokenizer
+    text: str = ""
+    sent: int = 0  # chars of text already returned
+    hold: int = 0  # chars withheld while they could begin a stop string
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache."""
+
+    def __init__(self, config: EngineConfig, model: Model | None = None, tokenizer: Tokenizer | None = None,
+                 on_kv_event: Callable[[KvEvent], None] | None = None) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        attention = make_attention(config.attention, config.block_size, config.device)
+        self.model = model or load_model(config.model, DTYPES[config.dtype], attention=attention,
+                                         device=config.device)
+        self.tokenizer = tokenizer or Tokenizer(config.model)
+        cfg = self.model.cfg
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self._block_bytes())
+        self.pool = BlockPool(num_blocks, config.block_size, on_event=on_kv_event)
+        self.kv = KvManager(self.pool, config.prefix_caching, extra=cfg.name.encode(), hash_seed=config.hash_seed)
+        budget = config.max_num_batched_tokens
+        if not config.chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.chunked_prefill)
+        self.runner = Runner(self.model, num_blocks, config.block_size, config.device)
+        eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+        self.eos_token_ids = frozenset(eos)
+        self.sampler = Sampler(sorted(self.eos_token_ids), seed=config.seed)
+        self.seqs: dict[str, Seq] = {}
+        self.texts: dict[str, _Text] = {}
+        self.num_steps = 0
+
+    def _block_bytes(self) -> int:
+        cfg = self.model.cfg
+        elem = torch.empty(0, dtype=self.model.dtype).element_size()
+        return 2 * cfg.num_layers * self.config.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    ) -> None:
+        """Queue a request; raise InvalidRequest (state unchanged) when it cannot be served."""
+        params = params or SamplingParams()
+        try:
+            params.validate()
+        except ValueError as e:
+            raise InvalidRequest(str(e), getattr(e, "param", None)) from e
+        if request_id in self.seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.check_prompt(ids, params)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Seq(request_id, ids, len(ids), params, generator=gen)
+        self.seqs[request_id] = seq
+        self.texts[request_id] = _Text(Detokenizer(self.tokenizer, ids))
+        self.scheduler.add(seq)
+
+    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for an empty, too long or out-of-vocabulary prompt."""
+        vocab = self.model.cfg.vocab_size
+        if not ids:
+            raise InvalidRequest("prompt is empty", "prompt")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {vocab})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "(the prompt must leave room for at least one generated token)", "prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model's context "
+                f"of {self.max_model_len} tokens", "max_tokens")
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if len(ids) + params.max_tokens > capacity:
+            raise InvalidRequest(f"prompt + max_tokens needs more KV slots than the cache has ({capacity})",
+                                 "max_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or finished."""
+        seq = self.seqs.pop(request_id, None)
+        self.texts.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report what changed."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, samplers = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            seq.num_computed += n
+            self.kv.commit(seq)
+        self.num_steps += 1
+        if not samplers:
+            return []
+        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt], s.output_ids, s.generator) for s in samplers]
+        sampled = self.sampler(logits, rows)
+        now = time.monotonic()
+        return [self._append(seq, smp, now) for seq, smp in zip(samplers, sampled, strict=True)]
+
+    def _append(self, seq: Seq, smp: Sampled, now: float) -> RequestOutput:
+        token = smp.token_id
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        state = self.texts[seq.request_id]
+        delta = state.detok.add(token)
+        state.text += delta
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if p.stop and delta:
+            hit = _find_stop(state.text, len(delta), p.stop)
+            if hit is not None:
+                state.text = state.text[:hit[0]]
+                reason, stop_reason = "stop", hit[1]
+        if reason is None:
+            if token in p.stop_token_ids:
+                reason, stop_reason = "stop", token
+            elif token in self.eos_token_ids and not p.ignore_eos:
+                reason = "stop"
+            elif seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            end = len(state.text)
+        else:
+            end = max(state.sent, len(state.text) - (max(map(len, p.stop)) - 1 if p.stop else 0))
+        new_text = state.text[state.sent:end]
+        state.sent = end
+        out = RequestOutput(
+            seq.request_id, [token], new_text, reason is not None, reason, stop_reason, seq.num_prompt,
+            seq.num_cached or 0, seq.num_output, [smp] if p.logprobs is not None else None)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.seqs[seq.request_id]
+            del self.texts[seq.request_id]
+        return out
+
+    # ---- offline --------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion (continuous batching across them); results in prompt order."""
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        base = f"gen-{time.monotonic_ns()}-"
+        results: dict[str, Completion] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            rid = base + str(i)
+            self.add_request(rid, prompt, p)
+            results[rid] = Completion(rid, list(self.seqs[rid].token_ids))
+        while self.has_unfinished():
+            for out in self.step():
+                c = results.get(out.request_id)
+                if c is None:
+                    continue
+                c.token_ids.extend(out.new_token_ids)
+                c.text += out.new_text
+                if out.logprobs:
+                    c.logprobs.extend(out.logprobs)
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+                    c.num_cached_tokens = out.num_cached_tokens
+        return list(results.values())
+
+    def stats(self) -> dict[str, float]:
+        """Scheduler and KV counters (the worker exports them as metrics)."""
+        s = self.pool.stats
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_used": self.pool.num_used,
+            "kv_cache_usage": self.pool.num_used / self.pool.num_blocks,
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "num_preemptions": s.preemptions,
+            "num_steps": self.num_steps,
+        }
+
+
+def _find_stop(text: str, delta_len: int, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Earliest stop string that ends inside the newest delta: (index, stop)."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        i = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best
+
+
+def default_threads() -> int:
+    """Cores this process may run on (its affinity set), for torch's thread count."""
+    return len(os.sched_getaffinity(0))
+
+
+def make_engine(model: str | Path, **overrides: object) -> Engine:
+    """Convenience: an Engine for a model directory with config overrides."""
+    return Engine(replace(EngineConfig(model=str(model)), **overrides))  # type: ignore[arg-type]

@@ -1,0 +1,159 @@
+"""Per-request sampling parameters (OpenAI fields plus the vLLM extras) and their validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_LOGPROBS = 20
+"""Most top logprobs a request may ask for (OpenAI's `top_logprobs` limit)."""
+
+MAX_STOP_STRINGS = 16
+"""Most stop strings per request: each one is re-checked against the detokenized tail every step."""
+
+# torch.Generator.manual_seed accepts anything representable as int64 or uint64.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+class InvalidParams(ValueError):
+    """A sampling parameter is out of range or of the wrong type; `.param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but `max_tokens=True` is a client bug, not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    temperature 0 means greedy argmax (top_k/top_p/min_p and the seed are then irrelevant).
+    top_k 0 or -1 and top_p 1 disable those filters. `stop` and `stop_token_ids` may be passed
+    as a str / list; they are stored as tuples so the params stay hashable.
+    Construction does not validate; call `validate()` (or use `from_dict`, which does).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Normalize the JSON-ish shapes clients send; anything else is left for validate() to reject.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> SamplingParams:
+        """Build and validate params from a request body.
+
+        None values mean "use the default" (clients send explicit nulls). Unknown keys raise
+        InvalidParams when `strict`, and are ignored otherwise.
+        """
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                if strict:
+                    raise InvalidParams(key, f"unknown sampling parameter {key!r}")
+                continue
+            if value is not None:
+                kwargs[key] = value
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request wants argmax decoding (temperature == 0)."""
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any repetition/presence/frequency penalty changes the logits."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def validate(self) -> None:
+        """Raise InvalidParams for the first field that is out of range.
+
+        Ranges follow OpenAI where it has the field and vLLM otherwise. One deliberate choice:
+        temperature has no upper bound (vLLM behaviour) -- very flat distributions are legitimate,
+        and an OpenAI-compatible front end can still enforce its own <= 2 policy.
+        """
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidParams("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise InvalidParams("temperature", f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise InvalidParams("top_k", f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidParams("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise InvalidParams("min_p", f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidParams(
+                "repetition_penalty",
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not -2 <= value <= 2:
+                raise InvalidParams(name, f"{name} must be in [-2, 2], got {value!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise InvalidParams("seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidParams(
+                "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
+        self._validate_stop()
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise InvalidParams("min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidParams(
+                "min_tokens",
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidParams("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+
+    def _validate_stop(self) -> None:
+        if not isinstance(self.stop, tuple):
+            raise InvalidParams("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParams("stop", f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidParams("stop", f"stop strings must be non-empty strings, got {s!r}")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise InvalidParams(
+                "stop_token_ids", f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}"
+            )
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise InvalidParams("stop_token_ids", f"stop_token_ids must be integers >= 0, got {t!r}")

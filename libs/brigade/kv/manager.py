@@ -1,0 +1,81 @@
+"""Per-sequence block bookkeeping on top of the pool: prefix lookup, allocation, commit, free."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from brigade.kv.hashing import NO_PARENT, hash_block
+from brigade.kv.pool import BlockPool
+
+if TYPE_CHECKING:
+    from brigade.engine.sequence import Sequence
+
+
+class KvManager:
+    """Gives sequences the blocks they need; shares full blocks by chained hash."""
+
+    def __init__(self, pool: BlockPool, prefix_caching: bool = True, extra: bytes = b"",
+                 hash_seed: int = 0) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.prefix_caching = prefix_caching
+        self.extra = extra
+        self.hash_seed = hash_seed
+
+    def _hash_upto(self, seq: Sequence, num_blocks: int) -> None:
+        """Extend seq.hashes to cover its first `num_blocks` full blocks."""
+        bs = self.block_size
+        for i in range(len(seq.hashes), num_blocks):
+            parent = seq.hashes[i - 1] if i else NO_PARENT
+            seq.hashes.append(hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs], self.extra, self.hash_seed))
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks covering the longest prefix of seq (at least one token is left to compute)."""
+        if not self.prefix_caching:
+            return []
+        limit = (seq.num_tokens - 1) // self.block_size
+        self._hash_upto(seq, limit)
+        hits: list[int] = []
+        for h in seq.hashes[:limit]:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def blocks_needed(self, seq: Sequence, num_new: int, hits: int = 0) -> int:
+        total = -(-(seq.num_computed + hits * self.block_size + num_new) // self.block_size)
+        return max(0, total - len(seq.block_ids) - hits)
+
+    def allocate(self, seq: Sequence, num_new: int, hits: list[int] | tuple[int, ...] = ()) -> bool:
+        """Reserve blocks for `num_new` more tokens (after the prefix hits); False if they don't fit."""
+        need = self.blocks_needed(seq, num_new, len(hits))
+        reviving = sum(1 for b in hits if self.pool.ref[b] == 0)
+        if need + reviving > self.pool.num_free:
+            return False
+        for b in hits:
+            self.pool.acquire(b)
+        seq.block_ids.extend(hits)
+        seq.num_committed = len(seq.block_ids)
+        for _ in range(need):
+            seq.block_ids.append(self.pool.allocate())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the blocks that became full since the last call (after their KV was computed)."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_committed:
+            return
+        self._hash_upto(seq, full)
+        for i in range(seq.num_committed, full):
+            self.pool.commit(seq.block_ids[i], seq.hashes[i], seq.hashes[i - 1] if i else None)
+        seq.num_committed = full
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks, tail first, so its tail is evicted before its shared head."""
+        for b in reversed(seq.block_ids):
+            self.pool.release(b)
+        seq.block_ids.clear()
+        seq.num_committed = 0

@@ -1,0 +1,60 @@
+"""Tokenizer and chat template of a checkpoint (Hugging Face fast tokenizers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from brigade.model.config import ModelError
+
+
+class Tokenizer:
+    """Encode, decode and render chat messages with the checkpoint's own template."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{model_dir}: cannot load tokenizer ({e})") from e
+        self.eos_token_id: int | None = self.hf.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` rendered by the chat template."""
+        if not getattr(self.hf, "chat_template", None):
+            raise ModelError("this model has no chat template; use completions instead")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+
+class Detokenizer:
+    """Incremental decoding: text deltas as tokens arrive, holding back incomplete UTF-8."""
+
+    CONTEXT = 6  # prompt tokens kept so the first output token decodes with its left context
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; return the text it completes (may be empty)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
