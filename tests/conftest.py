@@ -9,6 +9,10 @@ import pytest
 
 # Tests run beside other processes on small machines; one torch thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton fixes interpreter-vs-compiled mode at its first import (transformers may import it): without
+# CUDA, choose the interpreter before anything does, so kernel tests run on the CPU.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

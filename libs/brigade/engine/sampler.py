@@ -163,7 +163,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequenc
         srt, order = torch.sort(x, dim=-1, descending=True)
         if min(k_sel) < vocab:
             kth = srt.gather(1, _index(k_sel, x.device).unsqueeze(1) - 1)
-            pass
+            srt = srt.masked_fill(srt < kth, -math.inf)
         cum = srt.softmax(dim=-1).cumsum(dim=-1)
         # Mass strictly before each position: the token is needed while that is still below p.
         before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
