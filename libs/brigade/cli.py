@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +39,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_offline(args: argparse.Namespace) -> int:
+    from brigade.bench import offline
+    from brigade.model.make import demo_model_dir
+
+    model = str(demo_model_dir()) if args.model == "demo" else args.model
+    report = offline.bench(model, args.workload, args.requests, args.seed, args.threads, args.batch_size,
+                           hf=not args.no_hf, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens)
+    print(offline.summary(report))
+    if args.out:
+        offline.write(report, args.out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render --help in docs)."""
     p = argparse.ArgumentParser(prog="brigade", description="Brigade LLM inference server")
@@ -62,6 +77,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     g.set_defaults(fn=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    o = bsub.add_parser("offline", help="in-process engine throughput vs Hugging Face static batching")
+    o.add_argument("--model", default="demo")
+    o.add_argument("--workload", default="mixed", choices=["mixed"])
+    o.add_argument("--requests", type=int, default=128)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    o.add_argument("--batch-size", type=int, default=32, help="HF static batch size")
+    o.add_argument("--max-num-seqs", type=int, default=128)
+    o.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    o.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    o.add_argument("--out", help="write the report as JSON")
+    o.set_defaults(fn=_bench_offline)
     return p
 
 
