@@ -1,7 +1,8 @@
 """Make small random-weight HF checkpoints (Llama, Qwen2, Mixtral) with a real trained BPE tokenizer.
 
-Used by `brigade make-model`, by tests and benchmarks, and for the built-in `demo` model. The output is a plain
-Hugging Face checkpoint directory that `transformers` loads, with tensors in the canonical published layout.
+Used by `brigade make-model`, by tests and benchmarks, and for the built-in `demo` model. The output is a
+plain Hugging Face checkpoint directory that `transformers` loads, with tensors in the canonical published
+layout.
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ def tokenizer_corpus() -> list[str]:
 def train_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> Tokenizer:
     """Train a byte-level BPE (no cache). Deterministic: same corpus and size give the same tokenizer.json."""
     tok = Tokenizer(models.BPE())
-    # Qwen2's pipeline exactly: transformers 5 forces its own Qwen2Tokenizer pipeline on every qwen2 checkpoint
-    # whatever tokenizer.json says, so using it for all archs keeps transformers and tokenizer.json in step.
+    # Qwen2's pipeline exactly: transformers 5 forces its own Qwen2Tokenizer pipeline on every qwen2
+    # checkpoint whatever tokenizer.json says, so using it for all archs keeps transformers and
+    # tokenizer.json in step.
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -286,7 +288,9 @@ def make_state_dict(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
             sd[p + "mlp.gate_proj.weight"] = rand(inter, h, std=h**-0.5)
             sd[p + "mlp.up_proj.weight"] = rand(inter, h, std=h**-0.5)
             sd[p + "mlp.down_proj.weight"] = rand(h, inter, std=inter**-0.5)
-    sd["model.norm.weight"] = norm(h)
+    # Tied: the residual keeps the input token's own embedding, so E @ norm(h) favours that token and greedy
+    # decoding collapses into repeating one token. A zero-mean final norm weight cancels that self-similarity.
+    sd["model.norm.weight"] = rand(h, std=1.0) if spec.tied else norm(h)
     if not spec.tied:
         sd["lm_head.weight"] = rand(spec.vocab, h, std=out_std)
     return sd
