@@ -6,7 +6,7 @@ import torch
 
 from brigade.engine.scheduler import Batch
 from brigade.engine.sequence import Sequence
-from brigade.kernels.attention import AttnMeta, PrefillSpan
+from brigade.kernels.attention import AttnMeta, DecodeGroup, PrefillSpan
 from brigade.model.llama import Model
 
 
@@ -32,7 +32,6 @@ class Runner:
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, torch.Tensor, list[Sequence]]:
         """Inputs, positions, attention metadata, logits rows and the sequences that sample."""
-        bs = self.block_size
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
@@ -58,27 +57,22 @@ class Runner:
             if end == seq.num_tokens:
                 logits_index.append(offset - 1)
                 samplers.append(seq)
-        decode_slots = decode_mask = tables = lens = None
+        groups: list[DecodeGroup] = []
+        tables = lens = None
         if nd:
             ctx_lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.int64)
             width = max(len(s.block_ids) for s in decode)
             tables = torch.zeros(nd, width, dtype=torch.int64)
             for r, s in enumerate(decode):
                 tables[r, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
-            lmax = int(ctx_lens.max())
-            j = torch.arange(lmax)
-            decode_slots = tables[:, j // bs] * bs + j % bs
-            valid = j[None, :] < ctx_lens[:, None]
-            decode_slots = decode_slots.masked_fill(~valid, 0)
-            decode_mask = valid[:, None, None, :]
+            groups = [self._group(tables, ctx_lens, a, b) for a, b in _buckets(ctx_lens.tolist())]
             lens = ctx_lens.to(torch.int32)
             tables = tables.to(torch.int32)
         dev = self.device
         meta = AttnMeta(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decode=nd,
-            decode_slots=None if decode_slots is None else decode_slots.to(dev),
-            decode_mask=None if decode_mask is None else decode_mask.to(dev),
+            decode_groups=[DecodeGroup(g.start, g.end, g.slots.to(dev), g.mask.to(dev)) for g in groups],
             block_tables=None if tables is None else tables.to(dev),
             context_lens=None if lens is None else lens.to(dev),
             prefills=[_to(p, dev) for p in prefills],
@@ -87,12 +81,35 @@ class Runner:
         rows = torch.tensor(logits_index, dtype=torch.int64, device=dev)
         return input_ids, torch.cat(positions).to(dev), meta, rows, samplers
 
+    def _group(self, tables: torch.Tensor, ctx_lens: torch.Tensor, a: int, b: int) -> DecodeGroup:
+        bs = self.block_size
+        lens = ctx_lens[a:b]
+        j = torch.arange(int(lens.max()))
+        slots = tables[a:b, j // bs] * bs + j % bs
+        valid = j[None, :] < lens[:, None]
+        return DecodeGroup(a, b, slots.masked_fill(~valid, 0), valid[:, None, None, :])
+
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward pass; logits [len(samplers), vocab] on the CPU in fp32."""
         input_ids, positions, meta, logits_index, samplers = self.prepare(batch)
         logits = self.model.forward(input_ids, positions, meta, self.kv, logits_index)
         return logits.cpu(), samplers
+
+
+def _buckets(lens: list[int], min_size: int = 4) -> list[tuple[int, int]]:
+    """Split ascending context lengths into runs whose longest is at most ~1.5x their shortest.
+
+    Padding every decode query to the batch's longest context wastes gather bandwidth when lengths
+    spread widely; a few groups cost a few more SDPA calls but copy far fewer padded slots.
+    """
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or (i - start >= min_size and lens[i] > 1.5 * lens[start] + 16):
+            out.append((start, i))
+            start = i
+    return out
 
 
 def _to(p: PrefillSpan, dev: torch.device) -> PrefillSpan:

@@ -68,8 +68,10 @@ class Scheduler:
             i += 1
         if not batch.preempted:
             self._admit(batch, budget)
-        # Decode-like sequences (one new token) first: attention batches them in one call.
-        order = sorted(range(len(batch.seqs)), key=lambda j: batch.num_new[j] != 1)
+        # Decode-like sequences (one new token) first, shortest context first: attention batches them
+        # in groups of similar length.
+        order = sorted(range(len(batch.seqs)),
+                       key=lambda j: (batch.num_new[j] != 1, batch.seqs[j].num_computed))
         batch.seqs = [batch.seqs[j] for j in order]
         batch.num_new = [batch.num_new[j] for j in order]
         return batch

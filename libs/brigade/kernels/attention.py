@@ -26,13 +26,22 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode queries [start, end) of similar context length, gathered and padded together."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [n, Lmax] int64 (padding points at slot 0)
+    mask: torch.Tensor  # [n, 1, 1, Lmax] bool
+
+
+@dataclass
 class AttnMeta:
     """Where this step's K/V go and what each query attends to (shared by every layer)."""
 
     slot_mapping: torch.Tensor  # [T] int64
     num_decode: int
-    decode_slots: torch.Tensor | None  # [nd, Lmax] int64 (padding points at slot 0)
-    decode_mask: torch.Tensor | None  # [nd, 1, 1, Lmax] bool
+    decode_groups: list[DecodeGroup]  # for the torch path
     block_tables: torch.Tensor | None  # [nd, max_blocks] int32, for kernels that walk the table
     context_lens: torch.Tensor | None  # [nd] int32
     prefills: list[PrefillSpan]
@@ -81,19 +90,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 
 class TorchAttention:
-    """Gathers each decode sequence's pages into a padded batch and runs SDPA; CPU default."""
+    """Gathers decode sequences' pages into padded groups of similar length and runs SDPA; CPU default."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        nd = meta.num_decode
-        if nd:
-            assert meta.decode_slots is not None
-            ks = k_cache[meta.decode_slots].transpose(1, 2)  # [nd, KVH, L, D]
-            vs = v_cache[meta.decode_slots].transpose(1, 2)
-            o = _sdpa(q[:nd].unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, scale=scale)
-            out[:nd] = o.squeeze(2)
+        for g in meta.decode_groups:
+            ks = k_cache[g.slots].transpose(1, 2)  # [n, KVH, Lmax, D]
+            vs = v_cache[g.slots].transpose(1, 2)
+            o = _sdpa(q[g.start:g.end].unsqueeze(2), ks, vs, attn_mask=g.mask, scale=scale)
+            out[g.start:g.end] = o.squeeze(2)
         prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 

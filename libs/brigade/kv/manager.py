@@ -56,7 +56,8 @@ class KvManager:
         for b in hits:
             self.pool.acquire(b)
         seq.block_ids.extend(hits)
-        seq.num_committed = len(seq.block_ids)
+        if hits:  # prefix hits are committed; blocks allocated earlier may still be filling up
+            seq.num_committed = len(seq.block_ids)
         for _ in range(need):
             seq.block_ids.append(self.pool.allocate())
         return True
