@@ -65,15 +65,16 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and params:
         theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = None if kind == "default" else {**params, "rope_type": kind}
-        return theta, scaling
-    theta = float(raw.get("rope_theta", 10000.0))
-    scaling = raw.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = None if kind == "default" else {**scaling, "rope_type": kind}
-    return theta, scaling or None
+        scaling = params
+    else:
+        theta = float(raw.get("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling") or {}
+    # One normal form for both layouts: the type under "rope_type", theta kept outside.
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    rest = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type", "rope_type")}
+    return theta, {**rest, "rope_type": kind}
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -85,6 +86,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     archs = raw.get("architectures") or []
     arch = next((SUPPORTED[a] for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -122,13 +125,17 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             name=Path(model_dir).resolve().name,
             raw=raw,
         )
+        rope_inv_freq(cfg)  # fail now on an unsupported or incomplete rope setting
     except KeyError as e:
         raise ModelError(f"{path}: missing field {e.args[0]!r}") from e
+    except (TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"{path}: malformed config ({e})") from e
     if cfg.num_heads % cfg.num_kv_heads:
         raise ModelError(f"{path}: num_attention_heads {heads} not a multiple of num_key_value_heads")
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelError(f"{path}: activation {raw.get('hidden_act')!r} is not supported (silu only)")
-    rope_inv_freq(cfg)  # fail now on an unsupported rope type
     return cfg
 
 
