@@ -72,7 +72,7 @@ class Runner:
         meta = AttnMeta(
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_decode=nd,
-            decode_groups=[DecodeGroup(g.start, g.end, g.slots.to(dev), g.mask.to(dev)) for g in groups],
+            decode_groups=[DecodeGroup(g.start, g.end, g.blocks.to(dev), g.mask.to(dev)) for g in groups],
             block_tables=None if tables is None else tables.to(dev),
             context_lens=None if lens is None else lens.to(dev),
             prefills=[_to(p, dev) for p in prefills],
@@ -82,12 +82,10 @@ class Runner:
         return input_ids, torch.cat(positions).to(dev), meta, rows, samplers
 
     def _group(self, tables: torch.Tensor, ctx_lens: torch.Tensor, a: int, b: int) -> DecodeGroup:
-        bs = self.block_size
         lens = ctx_lens[a:b]
-        j = torch.arange(int(lens.max()))
-        slots = tables[a:b, j // bs] * bs + j % bs
-        valid = j[None, :] < lens[:, None]
-        return DecodeGroup(a, b, slots.masked_fill(~valid, 0), valid[:, None, None, :])
+        nb = -(-int(lens.max()) // self.block_size)
+        valid = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
+        return DecodeGroup(a, b, tables[a:b, :nb], valid[:, None, None, :])
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:

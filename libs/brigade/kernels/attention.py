@@ -31,8 +31,8 @@ class DecodeGroup:
 
     start: int
     end: int
-    slots: torch.Tensor  # [n, Lmax] int64 (padding points at slot 0)
-    mask: torch.Tensor  # [n, 1, 1, Lmax] bool
+    blocks: torch.Tensor  # [n, max_blocks] int64 block ids (padding points at block 0)
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool
 
 
 @dataclass
@@ -89,6 +89,40 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         out[p.q_start:end] = o.transpose(0, 1)
 
 
+def decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+                 scale: float) -> torch.Tensor:
+    """One query per sequence over its paged context: q [n, H, D] -> [n, H, D].
+
+    Whole blocks are gathered with one `index_select` (contiguous block_size x KVH x D rows: far
+    faster than per-slot indexing), keeping the cache's [token, kv_head, dim] order. Scores then come
+    from a single batched matmul against all KV heads at once, with each query head's vector placed in
+    its own KV head's columns (zeros elsewhere): twice the tiny attention FLOPs for GQA-2, but no
+    transposed copy of the gathered K/V, which is what dominates on a CPU.
+    """
+    n, nb = g.blocks.shape
+    _, kvh, d = k_cache.shape
+    h = q.shape[1]
+    group = h // kvh
+    length = g.mask.shape[-1]
+    idx = g.blocks.reshape(-1)
+    ks = k_cache.view(-1, length // nb * kvh * d).index_select(0, idx).view(n, length, kvh * d)
+    vs = v_cache.view(-1, length // nb * kvh * d).index_select(0, idx).view(n, length, kvh * d)
+    if kvh == 1:
+        qb = q * scale
+    else:
+        qb = q.new_zeros(n, kvh, group, kvh, d)
+        qv = q.view(n, kvh, group, d) * scale
+        for j in range(kvh):
+            qb[:, j, :, j] = qv[:, j]
+    s = torch.bmm(qb.view(n, h, kvh * d), ks.transpose(1, 2))  # [n, H, L]
+    s.masked_fill_(~g.mask.view(n, 1, length), float("-inf"))
+    o = torch.bmm(torch.softmax(s, dim=-1), vs)  # [n, H, KVH*D]
+    if kvh == 1:
+        return o
+    o = o.view(n, kvh, group, kvh, d)
+    return torch.stack([o[:, j, :, j] for j in range(kvh)], dim=1).view(n, h, d)
+
+
 class TorchAttention:
     """Gathers decode sequences' pages into padded groups of similar length and runs SDPA; CPU default."""
 
@@ -97,10 +131,7 @@ class TorchAttention:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         for g in meta.decode_groups:
-            ks = k_cache[g.slots].transpose(1, 2)  # [n, KVH, Lmax, D]
-            vs = v_cache[g.slots].transpose(1, 2)
-            o = _sdpa(q[g.start:g.end].unsqueeze(2), ks, vs, attn_mask=g.mask, scale=scale)
-            out[g.start:g.end] = o.squeeze(2)
+            out[g.start:g.end] = decode_group(q[g.start:g.end], k_cache, v_cache, g, scale)
         prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 
