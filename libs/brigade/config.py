@@ -1,0 +1,103 @@
+"""One frozen config object per service, built from CLI flags with BRIGADE_* environment defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+def env(name: str, default: Any) -> Any:
+    """BRIGADE_<NAME> from the environment, converted to the default's type."""
+    raw = os.environ.get(f"BRIGADE_{name.upper()}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    nats: str = DEFAULT_NATS
+    model: str = "demo"
+    served_model_name: str = ""  # name in /v1/models and responses; default: the model dir's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_inflight: int = 256  # concurrent requests before 429
+    request_timeout: float = 600.0  # whole request, seconds
+    token_timeout: float = 60.0  # longest silence between two token messages
+    route_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    nats: str = DEFAULT_NATS
+    policy: str = "least_loaded"  # round_robin | least_loaded (| prefix, with the routing issue)
+    heartbeat_timeout: float = 3.0  # a worker silent this long is dead
+    disagg_threshold: int = 64  # prompts with fewer uncached tokens are prefilled on the decode worker
+    forward_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    nats: str = DEFAULT_NATS
+    model: str = "demo"
+    role: str = "colocated"  # prefill | decode | colocated
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    block_size: int = 16
+    num_blocks: int = 0  # 0: from kv_cache_bytes
+    kv_cache_bytes: int = 256 << 20
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    max_model_len: int = 0
+    attention: str = "auto"
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0: the cores in this process's affinity set
+    cpus: str = ""  # cores to pin to, e.g. "0" or "0-1"; empty: leave affinity alone
+    kv_transport: str = "shm"  # shm | nats | cuda-ipc
+    heartbeat_s: float = 0.5
+    lease_s: float = 10.0  # blocks allocated for an incoming transfer are freed after this
+    hash_seed: int = 0
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per config field, defaulting to BRIGADE_<FIELD> or the field default."""
+    for f in fields(cls):
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        default = env(f.name, default)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_bool, default=default, metavar="BOOL")
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0-2,5' -> {0, 1, 2, 5}."""
+    out: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _bool(raw: str) -> bool:
+    return raw.lower() in ("1", "true", "yes", "on")
+

@@ -1,0 +1,205 @@
+"""Every bus message and every subject, in one place.
+
+Messages are msgpack maps with a version field `v`; a receiver refuses a major version it does not
+know. Bulk tensors never ride in these messages except in the chunked `nats` KV transport, whose
+chunks stay under the server's max payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Self, TypeVar
+
+import msgpack
+
+VERSION = 1
+
+# ---- subjects ------------------------------------------------------------------------------------
+ROUTER_GENERATE = "brigade.router.generate"  # gateway -> router (request/reply: Accepted)
+HEARTBEAT = "brigade.heartbeat"  # workers -> all: WorkerStatus every heartbeat period
+CANCEL = "brigade.cancel"  # gateway -> all workers: Cancel (whoever holds the request drops it)
+KV_EVENTS = "brigade.kv_events"  # workers -> routers: KvEvents batches
+
+
+def worker_generate(worker_id: str) -> str:
+    """Router -> worker: GenerateRequest (request/reply: Accepted)."""
+    return f"brigade.worker.{worker_id}.generate"
+
+
+def worker_allocate(worker_id: str) -> str:
+    """Prefill -> decode worker: Allocate (request/reply: Allocation)."""
+    return f"brigade.worker.{worker_id}.allocate"
+
+
+def worker_handoff(worker_id: str) -> str:
+    """Prefill -> decode worker: Handoff (request/reply: Ack)."""
+    return f"brigade.worker.{worker_id}.handoff"
+
+
+def worker_kv(worker_id: str) -> str:
+    """Prefill -> decode worker: KvChunk messages of the `nats` transport (request/reply: Ack)."""
+    return f"brigade.worker.{worker_id}.kv"
+
+
+def new_inbox_prefix() -> str:
+    return "_INBOX.brigade"
+
+
+class ProtocolError(ValueError):
+    """A message we cannot decode or whose version we do not speak."""
+
+
+T = TypeVar("T", bound="Message")
+
+
+@dataclass
+class Message:
+    """Base: `encode` to msgpack bytes, `decode` back; unknown fields are ignored (forward compat)."""
+
+    KIND: ClassVar[str] = ""
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": VERSION, "k": self.KIND, **asdict(self)}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            raise ProtocolError(f"undecodable {cls.__name__}: {e}") from e
+        if not isinstance(raw, dict) or raw.get("v") != VERSION:
+            version = raw.get("v") if isinstance(raw, dict) else None
+            raise ProtocolError(f"{cls.__name__}: unsupported message version {version!r}")
+        if raw.get("k") != cls.KIND:
+            raise ProtocolError(f"expected {cls.KIND!r}, got {raw.get('k')!r}")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def kind_of(data: bytes) -> str:
+    """The `k` field of an encoded message (to dispatch on one subject carrying several kinds)."""
+    raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return str(raw.get("k", "")) if isinstance(raw, dict) else ""
+
+
+@dataclass
+class GenerateRequest(Message):
+    """One sequence to generate (the gateway fans `n` > 1 out into n requests)."""
+
+    KIND: ClassVar[str] = "generate"
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]  # SamplingParams fields
+    reply_to: str  # inbox on which TokenChunk messages stream back
+    model: str = ""
+    arrival: float = 0.0  # gateway wall-clock time, for queue-time metrics
+    # Set by the router in disaggregated mode: the decode worker that continues after prefill.
+    decode_worker: str | None = None
+    # Tokens generated so far when a request is replayed on another worker (after a worker died).
+    output_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Accepted(Message):
+    """Reply to a GenerateRequest: which worker took it, or why nobody did (HTTP-like code)."""
+
+    KIND: ClassVar[str] = "accepted"
+    request_id: str
+    worker_id: str = ""
+    error: str | None = None
+    code: int = 200
+
+
+@dataclass
+class TokenChunk(Message):
+    """Worker -> gateway inbox: the tokens of one step for one request; the last one has finish_reason."""
+
+    KIND: ClassVar[str] = "tokens"
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    # Per token: [token_id, logprob, [[token_id, logprob], ...]] when logprobs were asked for.
+    logprobs: list[Any] | None = None
+    worker_id: str = ""
+    error: str | None = None
+
+
+@dataclass
+class Cancel(Message):
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass
+class WorkerStatus(Message):
+    """Heartbeat and load report of one worker."""
+
+    KIND: ClassVar[str] = "status"
+    worker_id: str
+    role: str  # prefill | decode | colocated
+    model: str
+    block_size: int
+    hash_seed: int
+    running: int = 0
+    waiting: int = 0
+    kv_used: int = 0
+    kv_total: int = 0
+    prefill_queued: int = 0  # prompt tokens not yet computed
+    transports: list[str] = field(default_factory=list)  # KV transports it accepts
+    host: str = ""  # for the shm transport: same host means shared memory works
+    shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)
+    time: float = 0.0
+    stopping: bool = False
+
+
+@dataclass
+class Allocate(Message):
+    """Prefill -> decode: reserve blocks for `num_tokens` of prompt KV, under a lease."""
+
+    KIND: ClassVar[str] = "allocate"
+    request_id: str
+    num_tokens: int
+    lease_s: float = 10.0
+
+
+@dataclass
+class Allocation(Message):
+    KIND: ClassVar[str] = "allocation"
+    request_id: str
+    block_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class KvChunk(Message):
+    """A slice of blocks for the `nats` transport: raw little-endian bytes [layers, 2, n, block, kvh, d]."""
+
+    KIND: ClassVar[str] = "kv"
+    request_id: str
+    block_ids: list[int]
+    dtype: str
+    data: bytes
+
+
+@dataclass
+class Handoff(Message):
+    """Prefill -> decode: the KV is in your blocks; continue this request from its first token."""
+
+    KIND: ClassVar[str] = "handoff"
+    request: dict[str, Any]  # GenerateRequest fields
+    first_token: int
+    block_ids: list[int]
+    num_cached: int = 0
+    first_logprobs: list[Any] | None = None
+
+
+@dataclass
+class Ack(Message):
+    KIND: ClassVar[str] = "ack"
+    ok: bool = True
+    error: str | None = None
