@@ -100,7 +100,8 @@ class Engine:
     """Continuous-batching inference over a paged KV cache."""
 
     def __init__(self, config: EngineConfig, model: Model | None = None, tokenizer: Tokenizer | None = None,
-                 on_kv_event: Callable[[KvEvent], None] | None = None) -> None:
+                 on_kv_event: Callable[[KvEvent], None] | None = None,
+                 allocate_cache: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
@@ -117,12 +118,14 @@ class Engine:
         if not config.chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.chunked_prefill)
-        self.runner = Runner(self.model, num_blocks, config.block_size, config.device)
+        self.runner = Runner(self.model, num_blocks, config.block_size, config.device, allocate_cache)
         eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.eos_token_ids = frozenset(eos)
         self.sampler = Sampler(sorted(self.eos_token_ids), seed=config.seed)
         self.seqs: dict[str, Seq] = {}
         self.texts: dict[str, _Text] = {}
+        self.held: dict[str, Seq] = {}  # prefilled, finished "handoff", blocks kept until release()
+        self.reserved: dict[str, tuple[list[int], float]] = {}  # incoming transfers: blocks, deadline
         self.num_steps = 0
 
     def _block_bytes(self) -> int:
@@ -132,22 +135,95 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    ) -> None:
-        """Queue a request; raise InvalidRequest (state unchanged) when it cannot be served."""
+                    output_ids: Sequence[int] = (), prefill_only: bool = False) -> None:
+        """Queue a request; raise InvalidRequest (state unchanged) when it cannot be served.
+
+        `output_ids` resumes a request that already generated those tokens elsewhere (replay or a
+        failed handoff). `prefill_only` stops after the first token with finish_reason "handoff" and
+        keeps the blocks (see `held`) until `release`, unless the request ended at that token anyway.
+        """
+        seq = self._new_seq(request_id, prompt, params, output_ids)
+        seq.prefill_only = prefill_only
+        self._register(seq)
+        self.scheduler.add(seq)
+
+    def _new_seq(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
+                 output_ids: Sequence[int]) -> Seq:
         params = params or SamplingParams()
         try:
             params.validate()
         except ValueError as e:
             raise InvalidRequest(str(e), getattr(e, "param", None)) from e
-        if request_id in self.seqs:
+        if request_id in self.seqs or request_id in self.held:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self.check_prompt(ids, params)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = Seq(request_id, ids, len(ids), params, generator=gen)
-        self.seqs[request_id] = seq
-        self.texts[request_id] = _Text(Detokenizer(self.tokenizer, ids))
-        self.scheduler.add(seq)
+        out = [int(t) for t in output_ids]
+        if len(out) >= params.max_tokens:
+            raise InvalidRequest("the request already generated max_tokens tokens", "max_tokens")
+        return Seq(request_id, ids + out, len(ids), params)
+
+    def _register(self, seq: Seq) -> None:
+        self.seqs[seq.request_id] = seq
+        detok = Detokenizer(self.tokenizer, seq.token_ids)
+        self.texts[seq.request_id] = _Text(detok)
+
+    # ---- disaggregation: the decode side -----------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> list[int] | None:
+        """Blocks for `num_tokens` of incoming KV (a prefill worker writes them); None if they don't fit."""
+        if request_id in self.reserved or request_id in self.seqs:
+            return None
+        need = -(-num_tokens // self.pool.block_size)
+        if need > self.pool.num_free:
+            return None
+        blocks = [self.pool.allocate() for _ in range(need)]
+        self.reserved[request_id] = (blocks, time.monotonic() + lease_s)
+        return blocks
+
+    def unreserve(self, request_id: str) -> bool:
+        """Free a reservation that will not be filled."""
+        entry = self.reserved.pop(request_id, None)
+        if entry is None:
+            return False
+        for b in reversed(entry[0]):
+            self.pool.release(b)
+        return True
+
+    def expire_reservations(self, now: float | None = None) -> list[str]:
+        """Free reservations whose lease ran out (their sender died or gave up); return their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [rid for rid, (_, deadline) in self.reserved.items() if deadline < now]
+        for rid in gone:
+            self.unreserve(rid)
+        return gone
+
+    def add_prefilled(self, request_id: str, prompt_ids: Sequence[int], first_token: int,
+                      params: SamplingParams, num_cached: int = 0) -> None:
+        """Continue a request whose prompt KV arrived in its reserved blocks and whose first token is known."""
+        entry = self.reserved.get(request_id)
+        if entry is None:
+            raise InvalidRequest(f"no reservation for request {request_id!r} (lease expired?)", "request_id")
+        seq = self._new_seq(request_id, prompt_ids, params, [first_token])
+        blocks = entry[0]
+        if len(blocks) * self.pool.block_size < seq.num_prompt:
+            raise InvalidRequest(f"reservation of {len(blocks)} blocks is too small for the prompt", "prompt")
+        del self.reserved[request_id]
+        seq.block_ids = list(blocks)
+        seq.num_computed = seq.num_prompt
+        seq.num_cached = num_cached
+        seq.first_token_time = time.monotonic()
+        self._register(seq)  # the first token's text counts as sent: the prefill worker sent it
+        self.kv.commit(seq)
+        self.scheduler.add_running(seq)
+
+    # ---- disaggregation: the prefill side ----------------------------------------------------
+    def release(self, request_id: str) -> bool:
+        """Free the blocks of a request held after its handoff."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.kv.free(seq)
+        return True
 
     def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
         """Raise InvalidRequest for an empty, too long or out-of-vocabulary prompt."""
@@ -170,7 +246,9 @@ class Engine:
                                  "max_tokens")
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; False if it is unknown or finished."""
+        """Stop a request now and free its blocks (held or reserved ones too); False if unknown."""
+        if self.release(request_id) or self.unreserve(request_id):
+            return True
         seq = self.seqs.pop(request_id, None)
         self.texts.pop(request_id, None)
         if seq is None:
@@ -194,7 +272,7 @@ class Engine:
         self.num_steps += 1
         if not samplers:
             return []
-        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt], s.output_ids, s.generator) for s in samplers]
+        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt], s.output_ids, _generator(s)) for s in samplers]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
         return [self._append(seq, smp, now) for seq, smp in zip(samplers, sampled, strict=True)]
@@ -222,6 +300,8 @@ class Engine:
                 reason = "stop"
             elif seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
+            elif seq.prefill_only:
+                reason = "handoff"
         if reason is not None:
             end = len(state.text)
         else:
@@ -232,7 +312,10 @@ class Engine:
             seq.request_id, [token], new_text, reason is not None, reason, stop_reason, seq.num_prompt,
             seq.num_cached or 0, seq.num_output, [smp] if p.logprobs is not None else None)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            hold = reason == "handoff"
+            self.scheduler.finish(seq, reason, free=not hold)
+            if hold:
+                self.held[seq.request_id] = seq
             del self.seqs[seq.request_id]
             del self.texts[seq.request_id]
         return out
@@ -276,6 +359,18 @@ class Engine:
             "num_preemptions": s.preemptions,
             "num_steps": self.num_steps,
         }
+
+
+def _generator(seq: Seq) -> torch.Generator | None:
+    """A seeded request's noise for this step, derived from (seed, output position) alone.
+
+    Stateless, so the same seed gives the same tokens after preemption, replay on another worker or
+    a prefill-to-decode handoff: nothing about the generator has to travel with the request.
+    """
+    seed = seq.params.seed
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed * 1_000_003 + seq.num_output) % (1 << 63))
 
 
 def _find_stop(text: str, delta_len: int, stops: Sequence[str]) -> tuple[int, str] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from brigade.engine.scheduler import Batch
@@ -13,15 +15,20 @@ from brigade.model.llama import Model
 class Runner:
     """Owns the paged KV cache tensors of one model."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: Model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
+                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.device = torch.device(device)
-        slots = num_blocks * block_size
-        # One allocation for every layer's K and V: [layers, 2, slots, kv_heads, head_dim].
-        self.cache = torch.zeros(cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim,
-                                 dtype=model.dtype, device=self.device)
+        # One allocation for every layer's K and V: [layers, 2, slots, kv_heads, head_dim]. A worker
+        # may pass `allocate` to place it in shared memory, where a prefill worker writes pages directly.
+        shape = (cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        if allocate is None:
+            self.cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        else:
+            self.cache = allocate(shape, model.dtype)
         self.kv = [(self.cache[i, 0], self.cache[i, 1]) for i in range(cfg.num_layers)]
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -86,6 +93,11 @@ class Runner:
         nb = -(-int(lens.max()) // self.block_size)
         valid = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
         return DecodeGroup(a, b, tables[a:b, :nb], valid[:, None, None, :])
+
+    def blocks(self) -> torch.Tensor:
+        """The cache viewed per block: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+        c = self.cache
+        return c.view(c.shape[0], 2, self.num_blocks, self.block_size, *c.shape[3:])
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[Sequence]]:

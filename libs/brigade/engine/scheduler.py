@@ -108,12 +108,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.kv.pool.stats.preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Take a sequence out (finished or aborted) and free its blocks."""
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose KV is already in its blocks (a disaggregated handoff)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: str, free: bool = True) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks unless told to keep them."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.kv.free(seq)
+        if free:
+            self.kv.free(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

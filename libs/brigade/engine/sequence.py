@@ -6,8 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from brigade.engine.sampling import SamplingParams
 
 
@@ -25,7 +23,6 @@ class Sequence:
     token_ids: list[int]
     num_prompt: int
     params: SamplingParams
-    generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in the cache
@@ -35,6 +32,7 @@ class Sequence:
     num_cached: int | None = None  # prompt tokens served from the prefix cache at first admission
     finish_reason: str | None = None
     first_token_time: float | None = None
+    prefill_only: bool = False  # disaggregated prefill: stop after the first token, keep the blocks
 
     @property
     def num_tokens(self) -> int:

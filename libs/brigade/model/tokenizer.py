@@ -39,7 +39,11 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Incremental decoding: text deltas as tokens arrive, holding back incomplete UTF-8."""
+    """Incremental decoding: text deltas as tokens arrive, holding back incomplete UTF-8.
+
+    The tokens it starts with count as already emitted: a resumed request (replay, handoff) continues
+    after the text its earlier tokens produced elsewhere.
+    """
 
     CONTEXT = 6  # prompt tokens kept so the first output token decodes with its left context
 

@@ -1,0 +1,87 @@
+"""Engine hooks for disaggregation and replay: prefill-only, reservations, handoff, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
+from brigade.engine.sampling import SamplingParams
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def _engine(tiny_models: dict[str, Path], **kw: object) -> Engine:
+    return Engine(EngineConfig(model=str(tiny_models["llama"]), num_blocks=64, **kw))  # type: ignore[arg-type]
+
+
+def _run(engine: Engine) -> list[RequestOutput]:
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    return outs
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True),
+])
+def test_handoff_continues_exactly(tiny_models: dict[str, Path], params: SamplingParams) -> None:
+    ref_engine = _engine(tiny_models)
+    [ref] = ref_engine.generate([PROMPT], params)
+
+    prefill, decode = _engine(tiny_models), _engine(tiny_models, chunked_prefill=False)
+    prefill.add_request("r", PROMPT, params, prefill_only=True)
+    [first] = _run(prefill)
+    assert first.finish_reason == "handoff" and first.new_token_ids == ref.token_ids[:1]
+    held = prefill.held["r"]
+    prompt_ids = held.token_ids[:held.num_prompt]
+    blocks = decode.reserve("r", len(prompt_ids), lease_s=10)
+    assert blocks is not None
+    src = held.block_ids[:len(blocks)]
+    decode.runner.blocks()[:, :, blocks] = prefill.runner.blocks()[:, :, src]
+    assert prefill.release("r") and prefill.pool.num_used == 0
+    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params)
+    rest = _run(decode)
+    assert first.new_token_ids + [t for o in rest for t in o.new_token_ids] == ref.token_ids
+    assert first.new_text + "".join(o.new_text for o in rest) == ref.text
+    assert decode.pool.num_used == 0
+
+
+def test_prefill_only_request_that_ends_at_first_token_is_not_held(tiny_models: dict[str, Path]) -> None:
+    eng = _engine(tiny_models)
+    eng.add_request("r", PROMPT, SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
+    [out] = _run(eng)
+    assert out.finish_reason == "length" and not eng.held and eng.pool.num_used == 0
+
+
+def test_reservation_lease_expires_and_frees_blocks(tiny_models: dict[str, Path]) -> None:
+    eng = _engine(tiny_models)
+    blocks = eng.reserve("r", 40, lease_s=5)
+    assert blocks is not None and len(blocks) == 3 and eng.pool.num_used == 3
+    assert eng.expire_reservations(now=0.0) == []
+    assert eng.expire_reservations(now=1e12) == ["r"]
+    assert eng.pool.num_used == 0
+    with pytest.raises(InvalidRequest, match="no reservation"):
+        eng.add_prefilled("r", [5] * 40, 7, SamplingParams())
+    assert eng.reserve("big", 64 * 16 + 1, lease_s=5) is None
+
+
+def test_abort_frees_held_and_reserved(tiny_models: dict[str, Path]) -> None:
+    eng = _engine(tiny_models)
+    eng.add_request("h", PROMPT, SamplingParams(max_tokens=5, temperature=0), prefill_only=True)
+    _run(eng)
+    assert "h" in eng.held and eng.pool.num_used > 0
+    assert eng.reserve("x", 20, lease_s=5)
+    assert eng.abort("h") and eng.abort("x")
+    assert eng.pool.num_used == 0 and not eng.held and not eng.reserved
+
+
+def test_resume_with_output_ids_matches_uninterrupted(tiny_models: dict[str, Path]) -> None:
+    eng = _engine(tiny_models)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    [ref] = eng.generate([PROMPT], greedy)
+    eng.add_request("again", PROMPT, greedy, output_ids=ref.token_ids[:5])
+    rest = [t for o in _run(eng) for t in o.new_token_ids]
+    assert ref.token_ids[:5] + rest == ref.token_ids
