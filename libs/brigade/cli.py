@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -53,6 +55,46 @@ def _bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        import asyncio
+
+        from brigade import config as C
+
+        logging.basicConfig(level=os.environ.get("BRIGADE_LOG", "INFO"),
+                            format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+        if name == "gateway":
+            from brigade.services import gateway as svc
+
+            cfg = C.from_args(C.GatewayConfig, args)
+        elif name == "router":
+            from brigade.services import router as svc  # type: ignore[no-redef]
+
+            cfg = C.from_args(C.RouterConfig, args)
+        else:
+            from brigade.services import worker as svc  # type: ignore[no-redef]
+
+            cfg = C.from_args(C.WorkerConfig, args)
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(svc.serve(cfg))
+        return 0
+
+    return run
+
+
+def _up(args: argparse.Namespace) -> int:
+    from brigade.launcher import UpConfig, run
+
+    return run(UpConfig(model=args.model, host=args.host, port=args.port, mode=args.mode, prefill=args.prefill,
+                        decode=args.decode, router=args.router, nats=args.nats or "", kv_transport=args.kv_transport,
+                        disagg_threshold=args.disagg_threshold, worker_args=tuple(args.worker_arg)))
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render --help in docs)."""
     p = argparse.ArgumentParser(prog="brigade", description="Brigade LLM inference server")
@@ -77,6 +119,34 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     g.set_defaults(fn=_generate)
+
+    from brigade import config as C
+
+    for name, cls, helptext in [
+        ("gateway", C.GatewayConfig, "the OpenAI-compatible HTTP gateway"),
+        ("router", C.RouterConfig, "the router"),
+        ("prefill", C.WorkerConfig, "a prefill worker"),
+        ("decode", C.WorkerConfig, "a decode worker (also runs whole requests: colocated mode)"),
+    ]:
+        sp = sub.add_parser(name, help=helptext)
+        C.add_flags(sp, cls)
+        if cls is C.WorkerConfig:
+            sp.set_defaults(role=name)
+        sp.set_defaults(fn=_service(name))
+
+    u = sub.add_parser("up", help="the whole system on this machine (embedded NATS, every service)")
+    u.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"])
+    u.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg mode)")
+    u.add_argument("--decode", type=int, default=1, help="decode workers")
+    u.add_argument("--router", default="least_loaded", choices=["round_robin", "least_loaded"])
+    u.add_argument("--nats", help="use this NATS server instead of starting one")
+    u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "cuda-ipc"])
+    u.add_argument("--disagg-threshold", type=int, default=64, help="shorter prompts prefill on the decode worker")
+    u.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
+    u.set_defaults(fn=_up)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)

@@ -153,6 +153,7 @@ class WorkerStatus(Message):
     transports: list[str] = field(default_factory=list)  # KV transports it accepts
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)
+    kv_layout: dict[str, Any] = field(default_factory=dict)  # transfer.KvLayout of its cache
     time: float = 0.0
     stopping: bool = False
 
@@ -195,7 +196,7 @@ class Handoff(Message):
     first_token: int
     block_ids: list[int]
     num_cached: int = 0
-    first_logprobs: list[Any] | None = None
+    first_text_sent: bool = True  # False: the first token produced no text yet (incomplete UTF-8)
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_handoff_continues_exactly(tiny_models: dict[str, Path], params: Samplin
     src = held.block_ids[:len(blocks)]
     decode.runner.blocks()[:, :, blocks] = prefill.runner.blocks()[:, :, src]
     assert prefill.release("r") and prefill.pool.num_used == 0
-    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params)
+    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params, first_text_sent=bool(first.new_text))
     rest = _run(decode)
     assert first.new_token_ids + [t for o in rest for t in o.new_token_ids] == ref.token_ids
     assert first.new_text + "".join(o.new_text for o in rest) == ref.text

@@ -163,10 +163,9 @@ class Engine:
             raise InvalidRequest("the request already generated max_tokens tokens", "max_tokens")
         return Seq(request_id, ids + out, len(ids), params)
 
-    def _register(self, seq: Seq) -> None:
+    def _register(self, seq: Seq, pending: int = 0) -> None:
         self.seqs[seq.request_id] = seq
-        detok = Detokenizer(self.tokenizer, seq.token_ids)
-        self.texts[seq.request_id] = _Text(detok)
+        self.texts[seq.request_id] = _Text(Detokenizer(self.tokenizer, seq.token_ids, pending))
 
     # ---- disaggregation: the decode side -----------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> list[int] | None:
@@ -198,8 +197,12 @@ class Engine:
         return gone
 
     def add_prefilled(self, request_id: str, prompt_ids: Sequence[int], first_token: int,
-                      params: SamplingParams, num_cached: int = 0) -> None:
-        """Continue a request whose prompt KV arrived in its reserved blocks and whose first token is known."""
+                      params: SamplingParams, num_cached: int = 0, first_text_sent: bool = True) -> None:
+        """Continue a request whose prompt KV arrived in its reserved blocks and whose first token is known.
+
+        `first_text_sent` is False when the first token decoded to no text yet (an incomplete UTF-8
+        sequence): its text is then emitted here with the next token's.
+        """
         entry = self.reserved.get(request_id)
         if entry is None:
             raise InvalidRequest(f"no reservation for request {request_id!r} (lease expired?)", "request_id")
@@ -212,7 +215,7 @@ class Engine:
         seq.num_computed = seq.num_prompt
         seq.num_cached = num_cached
         seq.first_token_time = time.monotonic()
-        self._register(seq)  # the first token's text counts as sent: the prefill worker sent it
+        self._register(seq, pending=0 if first_text_sent else 1)
         self.kv.commit(seq)
         self.scheduler.add_running(seq)
 

@@ -402,3 +402,8 @@ def demo_model_dir() -> Path:
         raise RuntimeError(f"could not install the demo model at {final}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A model directory from a CLI value: "demo" is the built-in demo model, made on first use."""
+    return demo_model_dir() if str(name) == "demo" else Path(name)

@@ -41,17 +41,17 @@ class Tokenizer:
 class Detokenizer:
     """Incremental decoding: text deltas as tokens arrive, holding back incomplete UTF-8.
 
-    The tokens it starts with count as already emitted: a resumed request (replay, handoff) continues
-    after the text its earlier tokens produced elsewhere.
+    The tokens it starts with count as already emitted, except the last `pending` ones: a resumed request
+    (replay, handoff) continues after the text its earlier tokens produced elsewhere.
     """
 
     CONTEXT = 6  # prompt tokens kept so the first output token decodes with its left context
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], pending: int = 0) -> None:
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.ids = list(prompt_ids[-(self.CONTEXT + pending):])
         self.prefix = 0
-        self.read = len(self.ids)
+        self.read = len(self.ids) - pending  # the last `pending` tokens' text is still to be emitted
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text it completes (may be empty)."""

@@ -1,0 +1,174 @@
+"""`brigade up`: an embedded NATS server plus every service as a child process, on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from brigade import protocol as P
+from brigade.bus import Bus
+from brigade.model.make import resolve_model
+from brigade.nats_server import NatsServer
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    model: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mode: str = "colocated"  # colocated | disagg
+    prefill: int = 1
+    decode: int = 1
+    router: str = "least_loaded"
+    nats: str = ""  # an existing server; empty: start an embedded one
+    kv_transport: str = "shm"
+    disagg_threshold: int = 64
+    worker_args: tuple[str, ...] = field(default_factory=tuple)  # extra flags for every worker
+
+
+def split_cores(cores: list[int], processes: int) -> list[list[int]]:
+    """Give each model process its own cores (DESIGN §8): contiguous equal shares, or one core each
+    round-robin when there are more processes than cores (then some share)."""
+    if processes <= 0:
+        return []
+    if processes <= len(cores):
+        share = len(cores) // processes
+        return [cores[i * share:(i + 1) * share] for i in range(processes)]
+    return [[cores[i % len(cores)]] for i in range(processes)]
+
+
+def _cpus(cores: list[int]) -> str:
+    return ",".join(map(str, cores))
+
+
+def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, argv, extra env) of every child process."""
+    py = [sys.executable, "-m", "brigade.cli"]
+    roles = ["decode"] * cfg.decode
+    if cfg.mode == "disagg":
+        roles = ["prefill"] * cfg.prefill + roles
+    elif cfg.mode != "colocated":
+        raise ValueError(f"unknown mode {cfg.mode!r} (colocated, disagg)")
+    shares = split_cores(sorted(os.sched_getaffinity(0)), len(roles))
+    out = [("router", py + ["router", "--nats", nats_url, "--policy", cfg.router,
+                             "--disagg-threshold", str(cfg.disagg_threshold)], {})]
+    for i, (role, cores) in enumerate(zip(roles, shares, strict=True)):
+        env = {"OMP_NUM_THREADS": str(len(cores))}
+        argv = py + [role, "--nats", nats_url, "--model", model, "--worker-id", f"{role}-{i}",
+                     "--cpus", _cpus(cores), "--threads", str(len(cores)), "--kv-transport", cfg.kv_transport,
+                     *cfg.worker_args]
+        out.append((f"{role}-{i}", argv, env))
+    out.append(("gateway", py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host,
+                                 "--port", str(cfg.port)], {}))
+    return out
+
+
+async def _wait_workers(nats_url: str, expected: int, timeout: float) -> None:
+    """Return once `expected` distinct workers have published a status."""
+    bus = await Bus.connect(nats_url, "up")
+    seen: set[str] = set()
+    done = asyncio.Event()
+
+    async def on_status(msg: object) -> None:
+        seen.add(P.WorkerStatus.decode(msg.data).worker_id)  # type: ignore[attr-defined]
+        if len(seen) >= expected:
+            done.set()
+
+    await bus.subscribe(P.HEARTBEAT, on_status)
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await bus.close()
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+class Up:
+    """Owns the embedded NATS server and the children; `stop` ends them all."""
+
+    def __init__(self, cfg: UpConfig) -> None:
+        self.cfg = cfg
+        self.nats: NatsServer | None = None
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start everything; return the gateway URL once workers report and the gateway is healthy."""
+        model = str(resolve_model(self.cfg.model))  # made once here, not raced by the children
+        url = self.cfg.nats
+        if not url:
+            self.nats = NatsServer()
+            url = self.nats.start()
+        cmds = commands(self.cfg, url, model)
+        for name, argv, env in cmds:
+            proc = subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True)
+            self.procs.append((name, proc))
+        workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway"))
+        try:
+            asyncio.run(_wait_workers(url, workers, timeout))
+            base = f"http://{self.cfg.host}:{self.cfg.port}"
+            _wait_http(base + "/health", timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return base
+
+    def failed(self) -> list[str]:
+        return [name for name, p in self.procs if p.poll() is not None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+
+def run(cfg: UpConfig) -> int:
+    """Foreground `brigade up`: start, print the URL, wait for Ctrl-C or a child's death."""
+    up = Up(cfg)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    url = up.start()
+    print(f"Brigade is up: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)", flush=True)
+    code = 0
+    while not stop:
+        dead = up.failed()
+        if dead:
+            print(f"brigade up: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
+            code = 1
+            break
+        time.sleep(0.5)
+    up.stop()
+    return code

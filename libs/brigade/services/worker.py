@@ -1,0 +1,312 @@
+"""Prefill, decode and colocated workers: an Engine on the bus (wiring and I/O only).
+
+- colocated: runs whole requests.
+- decode: runs whole requests too (short prompts under conditional disaggregation, fallbacks), and
+  continues requests handed off by prefill workers into blocks it reserved for them.
+- prefill: computes the prompt and the first token, streams that token to the client, moves the KV
+  pages into the decode worker's reserved blocks, hands the request over, frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from brigade import protocol as P
+from brigade.bus import Bus, BusError
+from brigade.config import WorkerConfig, parse_cpus
+from brigade.engine.async_engine import AsyncEngine
+from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
+from brigade.engine.sampling import SamplingParams
+from brigade.kv import transfer
+from brigade.model.make import resolve_model
+
+log = logging.getLogger("brigade.worker")
+CANCEL_MEMORY_S = 60.0  # a cancelled id is refused this long, so a late handoff cannot revive it
+
+
+class Worker:
+    """One engine, its subscriptions, heartbeats and (for disaggregation) its KV transport."""
+
+    def __init__(self, config: WorkerConfig, bus: Bus, engine: Engine) -> None:
+        self.config = config
+        self.bus = bus
+        self.engine = engine
+        self.id = config.worker_id
+        self.aengine = AsyncEngine(engine, self._on_outputs, self._on_step_error)
+        self.active: dict[str, P.GenerateRequest] = {}
+        self.cancelled: dict[str, float] = {}
+        self.peers: dict[str, P.WorkerStatus] = {}  # other workers' last status (shm names for transfers)
+        self.shm_name = ""
+        self.receiver: transfer.NatsReceiver | None = None
+        self.sender: transfer.KvSender | None = None
+        self.layout = transfer.KvLayout.of(engine.runner.cache, engine.pool.block_size)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        b = self.bus
+        await b.subscribe(P.worker_generate(self.id), self._on_generate)
+        await b.subscribe(P.CANCEL, self._on_cancel)
+        await b.subscribe(P.HEARTBEAT, self._on_peer)
+        if self.config.role in ("decode", "colocated"):
+            await b.subscribe(P.worker_allocate(self.id), self._on_allocate)
+            await b.subscribe(P.worker_handoff(self.id), self._on_handoff)
+            if self.config.kv_transport == "nats":
+                self.receiver = transfer.NatsReceiver()
+                await self.receiver.start(b, self.id, self.engine.runner.cache, self.layout)
+        if self.config.role == "prefill":
+            self.sender = transfer.make_sender(self.config.kv_transport, b)
+        self._spawn(self.aengine.run())
+        self._spawn(self._heartbeat())
+        await b.flush()
+        await self._publish_status()  # routers learn about us at once, not after a period
+        log.info("worker %s (%s) ready", self.id, self.config.role)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await self._publish_status()
+        self.aengine.stop()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def _on_generate(self, msg: Any) -> None:
+        req = P.GenerateRequest.decode(msg.data)
+        if req.request_id in self.cancelled:
+            await self.bus.respond(msg, P.Accepted(req.request_id, error="request was cancelled", code=499))
+            return
+        try:
+            params = SamplingParams.from_dict(req.params)
+            prefill_only = self.config.role == "prefill" and bool(req.decode_worker)
+            await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
+                                    req.output_ids, prefill_only)
+        except (InvalidRequest, ValueError) as e:
+            await self.bus.respond(msg, P.Accepted(req.request_id, error=str(e), code=400))
+            return
+        self.active[req.request_id] = req
+        await self.bus.respond(msg, P.Accepted(req.request_id, worker_id=self.id))
+
+    async def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            req = self.active.get(out.request_id)
+            if req is None:
+                continue
+            handoff = out.finish_reason == "handoff"
+            chunk = P.TokenChunk(
+                out.request_id, out.new_token_ids, out.new_text,
+                None if handoff else out.finish_reason, out.stop_reason, out.num_prompt_tokens,
+                out.num_output_tokens, out.num_cached_tokens, _logprobs(out), self.id)
+            await self.bus.publish(req.reply_to, chunk)
+            if handoff:
+                self._spawn(self._handoff(req, out))
+            elif out.finished:
+                del self.active[out.request_id]
+
+    async def _on_step_error(self, error: BaseException) -> None:
+        """A step raised: fail every request this worker holds rather than leave clients hanging."""
+        for rid, req in list(self.active.items()):
+            await self.bus.publish(req.reply_to, P.TokenChunk(rid, [], "", "error", error=f"worker error: {error}",
+                                                              worker_id=self.id))
+            await self.aengine.call(self.engine.abort, rid)
+            del self.active[rid]
+
+    async def _on_cancel(self, msg: Any) -> None:
+        rid = P.Cancel.decode(msg.data).request_id
+        now = time.monotonic()
+        self.cancelled[rid] = now
+        for old in [k for k, t in self.cancelled.items() if now - t > CANCEL_MEMORY_S]:
+            del self.cancelled[old]
+        if self.active.pop(rid, None) is not None or rid in self.engine.reserved or rid in self.engine.held:
+            await self.aengine.call(self.engine.abort, rid)
+            if self.receiver is not None:
+                self.receiver.forget(rid)
+
+    # ---- disaggregation: prefill side --------------------------------------------------------
+    async def _handoff(self, req: P.GenerateRequest, first: RequestOutput) -> None:
+        """Move the prompt's KV to the decode worker and hand the request over; fall back on failure."""
+        rid, dest = req.request_id, str(req.decode_worker)
+        timeout = self.config.lease_s / 2
+        try:
+            held = self.engine.held.get(rid)
+            if held is None or rid in self.cancelled:
+                return
+            num_prompt = held.num_prompt
+            alloc = P.Allocation.decode(await self.bus.request(
+                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s), timeout=timeout))
+            if alloc.error:
+                raise transfer.TransferError(f"decode worker {dest} refused allocation: {alloc.error}")
+            src = list(held.block_ids[:len(alloc.block_ids)])
+            peer = self._peer(dest)
+            assert self.sender is not None
+            await self.sender.send(rid, self.engine.runner.cache, src, peer, alloc.block_ids)
+            handoff = P.Handoff(asdict(req), first.new_token_ids[0], alloc.block_ids, first.num_cached_tokens,
+                                first_text_sent=bool(first.new_text))
+            ack = P.Ack.decode(await self.bus.request(P.worker_handoff(dest), handoff, timeout=timeout))
+            if not ack.ok:
+                raise transfer.TransferError(f"handoff refused by {dest}: {ack.error}")
+        except (BusError, transfer.TransferError, P.ProtocolError, KeyError) as e:
+            log.warning("handoff of %s to %s failed (%s); falling back to local prefill there", rid, dest, e)
+            await self._fallback(req, first)
+        finally:
+            self.active.pop(rid, None)
+            await self.aengine.call(self.engine.release, rid)
+
+    async def _fallback(self, req: P.GenerateRequest, first: RequestOutput) -> None:
+        """Resend the request (with its first token) to the decode worker, which prefills it itself."""
+        if req.request_id in self.cancelled:
+            return
+        resume = P.GenerateRequest(**{**asdict(req), "output_ids": list(first.new_token_ids), "decode_worker": None})
+        for target in [str(req.decode_worker), self.id]:
+            try:
+                acc = P.Accepted.decode(await self.bus.request(P.worker_generate(target), resume, timeout=2.0))
+            except BusError:
+                continue
+            if not acc.error:
+                return
+        await self.bus.publish(req.reply_to, P.TokenChunk(req.request_id, [], "", "error",
+                                                          error="KV handoff failed and no worker took the request",
+                                                          worker_id=self.id))
+
+    def _peer(self, worker_id: str) -> transfer.PeerInfo:
+        status = self.peers.get(worker_id)
+        if status is None:
+            raise transfer.TransferError(f"no status seen from decode worker {worker_id}")
+        if self.config.kv_transport == "shm" and status.host != socket.gethostname():
+            raise transfer.TransferError(f"{worker_id} is on another host; shm transport needs the same host")
+        if not status.kv_layout:
+            raise transfer.TransferError(f"{worker_id} advertises no KV layout")
+        return transfer.PeerInfo(worker_id, status.shm_name, transfer.KvLayout.from_dict(status.kv_layout), status.host)
+
+    # ---- disaggregation: decode side ---------------------------------------------------------
+    async def _on_allocate(self, msg: Any) -> None:
+        a = P.Allocate.decode(msg.data)
+        if a.request_id in self.cancelled:
+            await self.bus.respond(msg, P.Allocation(a.request_id, error="request was cancelled"))
+            return
+        blocks = await self.aengine.call(self.engine.reserve, a.request_id, a.num_tokens, a.lease_s)
+        if blocks is None:
+            await self.bus.respond(msg, P.Allocation(a.request_id, error="no free KV blocks"))
+            return
+        if self.receiver is not None:
+            self.receiver.expect(a.request_id, blocks)
+        await self.bus.respond(msg, P.Allocation(a.request_id, blocks))
+
+    async def _on_handoff(self, msg: Any) -> None:
+        h = P.Handoff.decode(msg.data)
+        req = P.GenerateRequest(**h.request)
+        rid = req.request_id
+        if self.receiver is not None:
+            self.receiver.forget(rid)
+        if rid in self.cancelled:
+            await self.aengine.call(self.engine.abort, rid)
+            await self.bus.respond(msg, P.Ack(False, "request was cancelled"))
+            return
+        try:
+            params = SamplingParams.from_dict(req.params)
+            await self.aengine.call(self.engine.add_prefilled, rid, req.prompt_ids, h.first_token, params, h.num_cached,
+                                    h.first_text_sent)
+        except (InvalidRequest, ValueError) as e:
+            await self.aengine.call(self.engine.abort, rid)
+            await self.bus.respond(msg, P.Ack(False, str(e)))
+            return
+        self.active[rid] = req
+        await self.bus.respond(msg, P.Ack(True))
+
+    # ---- status ------------------------------------------------------------------------------
+    async def _on_peer(self, msg: Any) -> None:
+        status = P.WorkerStatus.decode(msg.data)
+        if status.worker_id != self.id:
+            self.peers[status.worker_id] = status
+
+    def status(self) -> P.WorkerStatus:
+        e = self.engine
+        queued = sum(s.num_tokens - s.num_computed for s in e.scheduler.waiting)
+        transports = [self.config.kv_transport] if self.config.role in ("decode", "colocated") else []
+        return P.WorkerStatus(
+            self.id, self.config.role, e.model.cfg.name, self.config.block_size, self.config.hash_seed,
+            running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_used=e.pool.num_used,
+            kv_total=e.pool.num_blocks, prefill_queued=queued, transports=transports,
+            host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
+            stopping=self.stopping)
+
+    async def _publish_status(self) -> None:
+        try:
+            await self.bus.publish(P.HEARTBEAT, self.status())
+        except Exception as e:  # the bus reconnects by itself; the next beat will go through
+            log.warning("heartbeat failed: %s", e)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            await self._publish_status()
+
+
+def _logprobs(out: RequestOutput) -> list[Any] | None:
+    if out.logprobs is None:
+        return None
+    return [[s.token_id, s.logprob, [list(p) for p in (s.top_logprobs or [])]] for s in out.logprobs]
+
+
+def pin(config: WorkerConfig) -> int:
+    """Pin to config.cpus (if set) and return the torch thread count: the cores this process owns."""
+    if config.cpus:
+        os.sched_setaffinity(0, parse_cpus(config.cpus))
+    return config.threads or len(os.sched_getaffinity(0))
+
+
+def build_engine(config: WorkerConfig, threads: int) -> tuple[Engine, Any]:
+    """The engine, with its KV cache in shared memory when prefill workers write into it."""
+    shm = None
+    allocate = None
+    if config.role in ("decode", "colocated") and config.kv_transport == "shm":
+        def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            nonlocal shm
+            tensor, shm = transfer.shared_cache(None, shape, dtype, create=True)
+            return tensor
+    ec = EngineConfig(
+        model=str(resolve_model(config.model)), block_size=config.block_size, num_blocks=config.num_blocks or None,
+        kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, chunked_prefill=config.chunked_prefill,
+        prefix_caching=config.prefix_caching, max_model_len=config.max_model_len or None,
+        attention=config.attention, device=config.device, threads=threads, hash_seed=config.hash_seed)
+    return Engine(ec, allocate_cache=allocate), shm
+
+
+async def serve(config: WorkerConfig) -> None:
+    """Run one worker until SIGINT/SIGTERM."""
+    threads = pin(config)
+    torch.set_num_threads(threads)
+    engine, shm = await asyncio.to_thread(build_engine, config, threads)
+    bus = await Bus.connect(config.nats, f"worker-{config.worker_id}")
+    worker = Worker(config, bus, engine)
+    if shm is not None:
+        worker.shm_name = shm.name
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    await worker.aengine.call(torch.set_num_threads, threads)  # the engine thread's own OpenMP setting
+    try:
+        await stop.wait()
+    finally:
+        await worker.stop()
+        await bus.close()
+        if shm is not None:
+            shm.close()  # the owner's close also unlinks the segment
