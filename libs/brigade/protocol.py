@@ -154,6 +154,7 @@ class WorkerStatus(Message):
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)
     kv_layout: dict[str, Any] = field(default_factory=dict)  # transfer.KvLayout of its cache
+    cuda_ipc_handle: bytes = b""  # cudaIpcMemHandle of its cache, for the cuda-ipc transport
     time: float = 0.0
     stopping: bool = False
 
