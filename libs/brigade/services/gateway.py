@@ -1,0 +1,476 @@
+"""The gateway: OpenAI-compatible HTTP in front, NATS behind (DESIGN §3). Wiring and I/O only.
+
+Validation and response bodies live in `brigade.openai_api`; this module admits requests, fans each one out
+into one GenerateRequest per choice, relays TokenChunks from the per-choice inboxes, and cancels on the bus
+whatever the client stops waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from brigade import openai_api as api
+from brigade import protocol as P
+from brigade.bus import Bus, BusError
+from brigade.config import GatewayConfig
+from brigade.model.tokenizer import Tokenizer
+
+log = logging.getLogger("brigade.gateway")
+
+# Bucket edges as vLLM uses them, so its dashboards read these histograms unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own, so several apps can live in one process (tests)."""
+
+    def __init__(self, model_name: str) -> None:
+        r = self.registry = CollectorRegistry()
+        m = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, seconds", m,
+                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between token messages, seconds", m,
+                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token, seconds", m,
+                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens sent to workers", m,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", m,
+                                         registry=r).labels(model_name)
+        self._success = Counter("vllm:request_success", "Finished requests (one per choice)",
+                                [*m, "finished_reason"], registry=r)
+        self.rejected = Counter("brigade:requests_rejected", "Requests refused before generation (400/429/503)",
+                                ["code"], registry=r)
+        self.failed = Counter("brigade:requests_failed", "Requests that failed during generation", ["code"],
+                              registry=r)
+        self.inflight = Gauge("brigade:gateway_requests_inflight", "Requests the gateway is serving", registry=r)
+        self.model_name = model_name
+
+    def success(self, reason: str) -> None:
+        self._success.labels(self.model_name, reason).inc()
+
+
+class Flow:
+    """The bus side of one HTTP request: its choices' inboxes, their token streams, and their cancellation.
+
+    `close()` is idempotent and synchronous, so it can run from any finally (including in a cancelled task):
+    it frees the admission slot and leaves the Cancel/unsubscribe I/O to a background task.
+    """
+
+    def __init__(self, gw: Gateway, req: api.ApiRequest, t0: float) -> None:
+        self.gw = gw
+        self.req = req
+        self.t0 = t0  # loop time at arrival: TTFT and the request timeout count from here
+        self.id = api.new_id(req.kind)
+        self.created = int(time.time())
+        self.request_ids = [f"{self.id}-{i}" for i in range(req.num_choices)]
+        self.finished = [False] * req.num_choices
+        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.subs: list[Subscription] = []
+        self.closed = False
+        gw.flows.add(self)
+
+    async def start(self) -> None:
+        """Subscribe one inbox per choice, then route every choice; ApiError(503) when nobody takes one."""
+        inboxes = []
+        try:
+            for i in range(self.req.num_choices):
+                inbox = self.gw.bus.inbox()
+                # Subscribed before the request leaves, so no token can arrive ahead of the subscription.
+                self.subs.append(await self.gw.bus.subscribe(inbox, self._on_message(i)))
+                inboxes.append(inbox)
+        except Exception as e:  # a closed connection: nats-py raises its own types
+            raise api.ApiError(503, f"bus unavailable ({e})", code="no_worker_available") from e
+        results = await asyncio.gather(*(self._route(i, inbox) for i, inbox in enumerate(inboxes)),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        self.gw.metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.req.prompts))
+
+    def _on_message(self, index: int) -> Callable[[Msg], Coroutine[Any, Any, None]]:
+        async def on_message(msg: Msg) -> None:
+            self.queue.put_nowait((index, msg.data))
+
+        return on_message
+
+    async def _route(self, index: int, inbox: str) -> None:
+        gw = self.gw
+        msg = P.GenerateRequest(self.request_ids[index], list(self.req.prompt_of(index).ids),
+                                asdict(self.req.choice_params(index)), inbox, model=self.req.model,
+                                arrival=time.time())
+        try:
+            accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout))
+        except (BusError, P.ProtocolError) as e:
+            raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
+        if accepted.code == 400:  # the worker judged the request itself invalid: the client's problem
+            raise api.ApiError(400, accepted.error or "invalid request")
+        if accepted.code != 200:
+            raise api.ApiError(503, f"no worker available ({accepted.error or accepted.code})",
+                               code="no_worker_available")
+
+    async def events(self) -> AsyncIterator[tuple[int, P.TokenChunk]]:
+        """(choice index, chunk) until every choice has finished; ApiError on a worker error or a timeout."""
+        cfg = self.gw.config
+        metrics = self.gw.metrics
+        loop = asyncio.get_running_loop()
+        deadline = self.t0 + cfg.request_timeout
+        last = [loop.time()] * len(self.finished)
+        seen = [False] * len(self.finished)
+        while not all(self.finished):
+            try:
+                index, data = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                silent_until = min(t + cfg.token_timeout for t, done in zip(last, self.finished, strict=True)
+                                   if not done)
+                try:
+                    index, data = await asyncio.wait_for(self.queue.get(),
+                                                         max(0.0, min(deadline, silent_until) - loop.time()))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise api.ApiError(504, f"request timed out after {cfg.request_timeout}s",
+                                           code="timeout") from None
+                    raise api.ApiError(504, f"no tokens for {cfg.token_timeout}s", code="timeout") from None
+            if index < 0:
+                raise api.ApiError(503, "the server is shutting down", code="shutting_down")
+            try:
+                chunk = P.TokenChunk.decode(data)
+            except P.ProtocolError as e:
+                raise api.ApiError(500, f"bad token message: {e}", code="worker_error") from e
+            if chunk.request_id != self.request_ids[index] or self.finished[index]:
+                continue  # a stray message (e.g. a late one after finish): not ours to show
+            if chunk.error:
+                self.finished[index] = True  # the worker has already dropped it: nothing to cancel
+                raise api.ApiError(500, f"generation failed: {chunk.error}", code="worker_error")
+            now = loop.time()
+            if chunk.token_ids:
+                if seen[index]:
+                    metrics.itl.observe(now - last[index])
+                else:
+                    metrics.ttft.observe(now - self.t0)
+                    seen[index] = True
+                metrics.generation_tokens.inc(len(chunk.token_ids))
+            last[index] = now
+            if chunk.finish_reason is not None:
+                self.finished[index] = True
+                metrics.e2e.observe(now - self.t0)
+                metrics.success(chunk.finish_reason)
+            yield index, chunk
+
+    def close(self) -> None:
+        """Free the slot; cancel every unfinished choice on the bus and drop the inboxes (in the background)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.gw.flows.discard(self)
+        self.gw.release_slot()
+        pending = [rid for rid, done in zip(self.request_ids, self.finished, strict=True) if not done]
+        self.gw.spawn(self._release(pending, self.subs))
+
+    async def _release(self, pending: list[str], subs: list[Subscription]) -> None:
+        try:
+            for rid in pending:
+                await self.gw.bus.publish(P.CANCEL, P.Cancel(rid))
+            for sub in subs:
+                await sub.unsubscribe()
+        except Exception as e:  # a closed bus: the workers' own timeouts reclaim the requests
+            log.warning("cancelling %s: %s", self.id, e)
+
+
+class _EventStream(EventSourceResponse):
+    """An SSE response that always runs `on_close` when it ends, even if the body never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        # The grace period lets a stream told to stop (Gateway.shutdown) end with an error event and [DONE].
+        super().__init__(content, sep="\n", shutdown_grace_period=2.0)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so receive() only reports disconnects)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    """Admission, fan-out and relaying for the HTTP routes."""
+
+    def __init__(self, config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, max_model_len: int) -> None:
+        self.config = config
+        self.bus = bus
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.served = config.served_model_name or Path(config.model).name
+        self.metrics = Metrics(self.served)
+        self.inflight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.flows: set[Flow] = set()
+        self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)  # a strong reference, or the task may be collected mid-flight
+        task.add_done_callback(self.tasks.discard)
+
+    def release_slot(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+
+    def shutdown(self) -> None:
+        """End every request in flight with a 503 (streams: an error event, then [DONE])."""
+        for flow in self.flows:
+            flow.queue.put_nowait((-1, b""))
+
+    async def aclose(self) -> None:
+        """Wait for pending cancellations to reach the bus (before it is closed)."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2.0)
+
+    def error(self, e: api.ApiError) -> JSONResponse:
+        (self.metrics.failed if e.status in (500, 504) else self.metrics.rejected).labels(str(e.status)).inc()
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    # ---- routes ------------------------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_completion)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_chat)
+
+    async def _generate(self, request: Request, parse: Callable[..., api.ApiRequest]) -> Response:
+        if self.inflight >= self.config.max_inflight:
+            return self.error(api.ApiError(429, f"too many concurrent requests (limit {self.config.max_inflight})",
+                                           code="rate_limit_exceeded"))
+        t0 = asyncio.get_running_loop().time()
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        flow: Flow | None = None
+        handed_off = False  # once a stream response owns the flow, it closes it
+        try:
+            body = await request.body()
+            # Tokenizing (and chat templating) is CPU work: keep it off the event loop.
+            req = await asyncio.to_thread(parse, body, self.tokenizer, self.served, self.max_model_len)
+            flow = Flow(self, req, t0)
+            await flow.start()
+            if req.stream:
+                handed_off = True
+                return _EventStream(self._stream(flow), flow.close)
+            return await self._complete(request, flow)
+        except api.ApiError as e:
+            return self.error(e)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening
+        finally:
+            if not handed_off:
+                if flow is not None:
+                    flow.close()
+                else:
+                    self.release_slot()
+
+    async def _complete(self, request: Request, flow: Flow) -> Response:
+        """Collect every choice; give up (and cancel) as soon as the client disconnects."""
+        choices = api.new_choices(flow.req)
+
+        async def collect() -> None:
+            async for index, chunk in flow.events():
+                choices[index].add(chunk)
+
+        # uvicorn does not cancel a plain handler when its client leaves: watch for the disconnect ourselves.
+        consumer = asyncio.create_task(collect())
+        watcher = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            consumer.cancel()
+            watcher.cancel()
+        if not consumer.done() or consumer.cancelled():
+            return Response(status_code=499)
+        consumer.result()  # re-raises an ApiError
+        return JSONResponse(api.final_body(flow.req, flow.id, flow.created, choices, self.token_text))
+
+    async def _stream(self, flow: Flow) -> AsyncIterator[str]:
+        fmt = api.StreamFormatter(flow.req, flow.id, flow.created, self.token_text)
+        try:
+            try:
+                for body in fmt.start():
+                    yield _dumps(body)
+                async for index, chunk in flow.events():
+                    for body in fmt.on_chunk(index, chunk):
+                        yield _dumps(body)
+                for body in fmt.end():
+                    yield _dumps(body)
+            except api.ApiError as e:  # headers are gone: report in-band, as vLLM does
+                self.metrics.failed.labels(str(e.status)).inc()
+                yield _dumps(e.body())
+            yield "[DONE]"
+        finally:
+            flow.close()  # a client that went away cancels here (the task is cancelled under us)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.served, "object": "model", "created": 0, "owned_by": "brigade", "root": self.config.model,
+            "max_model_len": self.max_model_len}]})
+
+    async def health(self, request: Request) -> Response:
+        if self.bus.nc.is_connected:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": "not connected to NATS"}, status_code=503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+
+def _post(summary: str) -> dict[str, Any]:
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    errors = {str(s): {"description": d, "content": error}
+              for s, d in ((400, "invalid request"), (429, "too many concurrent requests"),
+                           (500, "generation failed"), (503, "no worker available"))}
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "a JSON body, or text/event-stream chunks ending with data: [DONE]",
+                              "content": {"application/json": {}, "text/event-stream": {}}}, **errors}}}
+
+
+def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {media: {}}}}}}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "Brigade", "version": "0.1.0",
+             "description": "OpenAI-compatible LLM inference (plus vLLM's sampling extras)"},
+    "paths": {
+        "/v1/completions": _post("Create a completion"),
+        "/v1/chat/completions": _post("Create a chat completion"),
+        "/v1/models": _get("List the served model"),
+        "/health": {"get": {"summary": "Liveness", "responses": {
+            "200": {"description": "connected to NATS"}, "503": {"description": "not connected to NATS"}}}},
+        "/metrics": _get("Prometheus metrics", "text/plain"),
+    },
+    "components": {"schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
+        "code": {"type": "string", "nullable": True}}}}}}},
+}
+
+
+def build_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, max_model_len: int) -> Starlette:
+    """The HTTP app; `app.state.gateway` is the Gateway behind it."""
+    gw = Gateway(config, bus, tokenizer, max_model_len)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code
+        return JSONResponse(api.ApiError(status, str(exc.detail), code=None).body(), status_code=status)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(api.ApiError(500, "internal server error").body(), status_code=500)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", gw.completions, methods=["POST"]),
+            Route("/v1/chat/completions", gw.chat, methods=["POST"]),
+            Route("/v1/models", gw.models, methods=["GET"]),
+            Route("/health", gw.health, methods=["GET"]),
+            Route("/metrics", gw.prometheus, methods=["GET"]),
+            Route("/openapi.json", gw.openapi, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
+    app.state.gateway = gw
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that stops on SIGINT/SIGTERM and returns, instead of re-raising the signal after shutdown."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def _exit(self, sig: int) -> None:
+        self.on_exit()
+        # handle_exit also tells sse-starlette to end open streams (it patches this method).
+        self.handle_exit(sig, None)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self._exit, sig)
+        try:
+            yield
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Connect the bus, load the tokenizer, and serve HTTP until SIGINT/SIGTERM."""
+    from brigade.model.config import load_config
+    from brigade.model.make import demo_model_dir
+
+    model_dir = await asyncio.to_thread(demo_model_dir) if config.model == "demo" else Path(config.model)
+    tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
+    max_model_len = load_config(model_dir).max_position
+    bus = await Bus.connect(config.nats, "gateway")
+    app = build_app(config, bus, tokenizer, max_model_len)
+    gw: Gateway = app.state.gateway
+    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, lifespan="off",
+                                    timeout_graceful_shutdown=5, log_level="info"), on_exit=gw.shutdown)
+    try:
+        await server.serve()
+    finally:
+        await gw.aclose()
+        await bus.close()

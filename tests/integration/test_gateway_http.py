@@ -1,0 +1,363 @@
+"""The gateway over real HTTP (uvicorn) and a real nats-server.
+
+A scripted responder written here stands in for router + workers, ONLY for these gateway-level tests: it answers
+ROUTER_GENERATE with Accepted and plays TokenChunks to the request's inbox. The real router and workers are
+tested with the gateway in the full-stack tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from nats.aio.msg import Msg
+
+from brigade import protocol as P
+from brigade.bus import Bus
+from brigade.config import GatewayConfig
+from brigade.model.tokenizer import Tokenizer
+from brigade.services.gateway import build_app
+
+MODEL = "tiny-llama"
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models: dict[str, Path]) -> Tokenizer:
+    return Tokenizer(tiny_models["llama"])
+
+
+def three_tokens(req: P.GenerateRequest) -> list[P.TokenChunk]:
+    """'Hello world <choice>' in three steps; the last one finishes with usage counts."""
+    pieces = [(11, "Hello"), (12, " world"), (13, f" {req.request_id.rsplit('-', 1)[1]}")]
+    lp = req.params.get("logprobs") is not None
+    return [P.TokenChunk(req.request_id, [t], text, "length" if i == 2 else None, None, len(req.prompt_ids), i + 1,
+                         0, [[t, -0.5, [[t, -0.5]]]] if lp else None, "w1") for i, (t, text) in enumerate(pieces)]
+
+
+@dataclass
+class Responder:
+    """Router + worker stand-in: Accepted (with `code`), then the script's chunks to reply_to, `delay` apart."""
+
+    bus: Bus
+    script: Callable[[P.GenerateRequest], list[P.TokenChunk]] = three_tokens
+    code: int = 200
+    delay: float = 0.0
+    hold: asyncio.Event = field(default_factory=asyncio.Event)  # streaming waits for this when `held`
+    held: bool = False
+    requests: list[P.GenerateRequest] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> Responder:
+        await self.bus.subscribe(P.ROUTER_GENERATE, self._on_generate)
+        await self.bus.subscribe(P.CANCEL, self._on_cancel)
+        await self.bus.flush()
+        return self
+
+    async def _on_generate(self, msg: Msg) -> None:
+        req = P.GenerateRequest.decode(msg.data)
+        self.requests.append(req)
+        await self.bus.respond(msg, P.Accepted(req.request_id, "w1", None if self.code == 200 else "busy", self.code))
+        if self.code == 200:
+            task = asyncio.create_task(self._play(req))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _play(self, req: P.GenerateRequest) -> None:
+        if self.held:
+            await self.hold.wait()
+        for chunk in self.script(req):
+            if req.request_id in self.cancels:
+                return
+            await self.bus.publish(req.reply_to, chunk)
+            await asyncio.sleep(self.delay)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        self.cancels.append(P.Cancel.decode(msg.data).request_id)
+
+    async def wait_cancel(self, request_id: str, within: float = 1.0) -> float:
+        """Seconds until `request_id` was cancelled; fails after `within`."""
+        t0 = time.monotonic()
+        while request_id not in self.cancels:
+            assert time.monotonic() - t0 < within, f"no Cancel for {request_id} within {within}s: {self.cancels}"
+            await asyncio.sleep(0.01)
+        return time.monotonic() - t0
+
+
+@dataclass
+class Stack:
+    url: str
+    client: httpx.AsyncClient
+    responder: Responder | None
+    app: Any
+
+
+@contextlib.asynccontextmanager
+async def gateway(nats_url: str, tok: Tokenizer, responder: bool = True, **overrides: Any) -> AsyncIterator[Stack]:
+    """The gateway app on a real uvicorn socket, plus (optionally) a responder on its own connection."""
+    cfg = GatewayConfig(nats=nats_url, model="tiny", served_model_name=MODEL, **overrides)
+    bus = await Bus.connect(nats_url, "test-gateway")
+    resp = await Responder(await Bus.connect(nats_url, "test-responder")).start() if responder else None
+    app = build_app(cfg, bus, tok, MAX_LEN)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield Stack(url, client, resp, app)
+    finally:
+        if resp is not None:
+            resp.hold.set()
+        server.should_exit = True
+        await task
+        await app.state.gateway.aclose()
+        await bus.close()
+        if resp is not None:
+            await resp.bus.close()
+
+
+async def sse_data(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[str]:
+    """The `data:` payloads of a streamed response."""
+    async with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3}
+
+
+async def test_completion_non_stream(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "logprobs": 1, "seed": 7})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+        [choice] = body["choices"]
+        assert (choice["index"], choice["text"], choice["finish_reason"]) == (0, "Hello world 0", "length")
+        assert choice["logprobs"]["token_logprobs"] == [-0.5] * 3
+        n_prompt = len(tok.encode("Once upon a time"))
+        assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3, "total_tokens": n_prompt + 3,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
+        [req] = s.responder.requests
+        assert req.request_id == f"{body['id']}-0" and req.model == MODEL
+        assert req.prompt_ids == tok.encode("Once upon a time")
+        assert (req.params["max_tokens"], req.params["seed"], req.params["logprobs"]) == (3, 7, 1)
+
+
+async def test_chat_stream_with_usage(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        data = await sse_data(s.client, "/v1/chat/completions",
+                              {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        deltas = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]]
+        assert "".join(deltas) == "Hello world 0"
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+        prompt_len = len(tok.chat(CHAT["messages"]))
+        assert chunks[-1]["usage"]["prompt_tokens"] == prompt_len
+        # Chat's default max_tokens is the room left in the context.
+        assert s.responder.requests[0].params["max_tokens"] == MAX_LEN - prompt_len
+
+
+async def test_n2_stream_and_non_stream(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        data = await sse_data(s.client, "/v1/completions", {**COMPLETION, "n": 2, "stream": True})
+        texts = {0: "", 1: ""}
+        for d in data[:-1]:
+            c = json.loads(d)["choices"][0]
+            texts[c["index"]] += c["text"]
+        assert texts == {0: "Hello world 0", 1: "Hello world 1"} and data[-1] == "[DONE]"
+
+        s.responder.requests.clear()
+        r = await s.client.post("/v1/chat/completions", json={**CHAT, "n": 2, "seed": 5, "temperature": 0.8})
+        body = r.json()
+        assert [(c["index"], c["message"]["content"]) for c in body["choices"]] == [
+            (0, "Hello world 0"), (1, "Hello world 1")]
+        assert body["usage"]["completion_tokens"] == 6
+        assert sorted(q.params["seed"] for q in s.responder.requests) == [5, 6]
+
+
+async def test_validation_errors_then_still_serving(nats_url: str, tok: Tokenizer) -> None:
+    cases: list[tuple[str, Any, int, str | None, str | None]] = [
+        ("/v1/completions", b"{not json", 400, None, "invalid_json"),
+        ("/v1/chat/completions", b"[]", 400, None, "invalid_json"),
+        ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 400, "model", "model_not_found"),
+        ("/v1/completions", {**COMPLETION, "temperature": -1}, 400, "temperature", None),
+        ("/v1/completions", {**COMPLETION, "top_p": 2}, 400, "top_p", None),
+        ("/v1/completions", {**COMPLETION, "n": 17}, 400, "n", None),
+        ("/v1/completions", {**COMPLETION, "max_tokens": MAX_LEN}, 400, "max_tokens", "context_length_exceeded"),
+        ("/v1/completions", {**COMPLETION, "prompt": [1, 10**6]}, 400, "prompt", None),
+        ("/v1/completions", {"model": MODEL}, 400, "prompt", None),
+        ("/v1/chat/completions", {"model": MODEL}, 400, "messages", None),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+        ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ]
+    async with gateway(nats_url, tok) as s:
+        for path, body, status, param, code in cases:
+            kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = await s.client.post(path, **kwargs)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code), body
+        assert (await s.client.get("/v1/nope")).status_code == 404
+        assert (await s.client.get("/v1/completions")).json()["error"]["type"] == "invalid_request_error"  # 405
+        assert s.responder.requests == []  # nothing invalid reached the bus
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
+        metrics = (await s.client.get("/metrics")).text
+        assert 'brigade:requests_rejected_total{code="400"} 12.0' in metrics
+        assert s.app.state.gateway.inflight == 0
+
+
+async def test_no_worker_is_503(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, responder=False, route_timeout=0.5) as s:
+        for stream in (False, True):
+            r = await s.client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert r.status_code == 503
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+            assert r.json()["error"]["code"] == "no_worker_available"
+        assert (await s.client.get("/health")).json() == {"status": "ok"}
+    async with gateway(nats_url, tok) as s:  # a router that answers "nobody free"
+        s.responder.code = 503
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 503 and "no worker available" in r.json()["error"]["message"]
+
+
+async def test_overload_is_429(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, max_inflight=1) as s:
+        s.responder.held = True
+        first = asyncio.create_task(s.client.post("/v1/completions", json=COMPLETION))
+        while not s.responder.requests:
+            await asyncio.sleep(0.01)
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 429
+        assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "rate_limit_error",
+                                     "param": None, "code": "rate_limit_exceeded"}
+        s.responder.hold.set()
+        assert (await first).status_code == 200
+        assert (await s.client.post("/v1/completions", json=COMPLETION)).status_code == 200
+
+
+def long_script(req: P.GenerateRequest) -> list[P.TokenChunk]:
+    return [P.TokenChunk(req.request_id, [20 + i % 50], "x", prompt_tokens=1, completion_tokens=i + 1)
+            for i in range(200)]
+
+
+async def test_stream_disconnect_cancels(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        s.responder.script, s.responder.delay = long_script, 0.02
+        async with s.client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if '"x"' in line:  # a content delta: the request is mid-stream
+                    break
+        [req] = s.responder.requests
+        assert await s.responder.wait_cancel(req.request_id) < 1.0
+        gw = s.app.state.gateway
+        while gw.inflight:
+            await asyncio.sleep(0.01)
+
+
+async def test_non_stream_disconnect_cancels(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        s.responder.held = True
+        with pytest.raises(httpx.ReadTimeout):
+            await s.client.post("/v1/completions", json={**COMPLETION, "n": 2}, timeout=0.3)
+        for req in s.responder.requests:
+            assert await s.responder.wait_cancel(req.request_id) < 1.0
+
+
+async def test_worker_error_and_token_timeout(nats_url: str, tok: Tokenizer) -> None:
+    def failing(req: P.GenerateRequest) -> list[P.TokenChunk]:
+        return [P.TokenChunk(req.request_id, [11], "Hi"),
+                P.TokenChunk(req.request_id, [], "", "error", error="worker died")]
+
+    async with gateway(nats_url, tok, token_timeout=0.3) as s:
+        s.responder.script = failing
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "worker_error"
+        assert "worker died" in r.json()["error"]["message"]
+        data = await sse_data(s.client, "/v1/completions", {**COMPLETION, "stream": True})
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "worker_error"
+
+        s.responder.held = True  # accepted, then silence
+        r = await s.client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        await s.responder.wait_cancel(s.responder.requests[-1].request_id)
+
+
+async def test_shutdown_ends_streams_cleanly(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        s.responder.held = True
+        task = asyncio.create_task(sse_data(s.client, "/v1/chat/completions", {**CHAT, "stream": True}))
+        while not s.responder.requests:
+            await asyncio.sleep(0.01)
+        s.app.state.gateway.shutdown()  # what SIGTERM does before uvicorn stops
+        data = await task
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "shutting_down"
+        await s.responder.wait_cancel(s.responder.requests[0].request_id)
+
+
+async def test_models_health_metrics_openapi(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        assert (await s.client.post("/v1/completions", json=COMPLETION)).status_code == 200
+        models = (await s.client.get("/v1/models")).json()
+        assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+        assert models["data"][0]["max_model_len"] == MAX_LEN
+        text = (await s.client.get("/metrics")).text
+        for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                     "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                     "vllm:generation_tokens_total", "brigade:requests_rejected_total"):
+            assert name in text
+        assert f'vllm:request_success_total{{finished_reason="length",model_name="{MODEL}"}} 1.0' in text
+        assert f'vllm:generation_tokens_total{{model_name="{MODEL}"}} 3.0' in text
+        paths = (await s.client.get("/openapi.json")).json()["paths"]
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(paths)
+        assert (await s.client.get("/health")).status_code == 200
+        await s.app.state.gateway.bus.close()
+        r = await s.client.get("/health")
+        assert r.status_code == 503
+
+
+async def test_official_openai_client(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+
+        def run() -> list[Any]:  # the sync client blocks: run it off the loop that serves it
+            chat = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=3)
+            chat_stream = list(client.chat.completions.create(
+                model=MODEL, messages=CHAT["messages"], stream=True, stream_options={"include_usage": True}))
+            comp = client.completions.create(model=MODEL, prompt="Once", max_tokens=3)
+            comp_stream = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=3, stream=True))
+            return [chat, chat_stream, comp, comp_stream]
+
+        chat, chat_stream, comp, comp_stream = await asyncio.to_thread(run)
+        assert chat.choices[0].message.content == "Hello world 0" and chat.usage.total_tokens > 3
+        assert "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices) == "Hello world 0"
+        assert chat_stream[-1].choices == [] and chat_stream[-1].usage.completion_tokens == 3
+        assert comp.choices[0].text == "Hello world 0" and comp.choices[0].finish_reason == "length"
+        assert "".join(c.choices[0].text for c in comp_stream) == "Hello world 0"
+        with pytest.raises(openai.BadRequestError) as info:
+            await asyncio.to_thread(client.completions.create, model="nope", prompt="x")
+        assert info.value.code == "model_not_found"

@@ -1,0 +1,206 @@
+"""The whole system as users run it: `brigade up` processes, real NATS, real HTTP, the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from brigade import protocol as P
+from brigade.bus import Bus
+from brigade.engine.engine import Engine, EngineConfig
+from brigade.engine.sampling import SamplingParams
+from brigade.launcher import Up, UpConfig
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog and then", "def fibonacci(n):\n    "]
+CHAT = [{"role": "user", "content": "Tell me about the Python standard library."}]
+MAX_TOKENS = 12
+
+
+@dataclass
+class Stack:
+    up: Up
+    url: str
+    nats: str
+    model: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module", params=["colocated", "disagg-shm", "disagg-nats"])
+def stack(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Iterator[Stack]:
+    mode, _, transport = str(request.param).partition("-")
+    cfg = UpConfig(model=str(tiny_models["llama"]), port=_free_port(), mode=mode, prefill=1, decode=1,
+                   kv_transport=transport or "shm", disagg_threshold=4,
+                   worker_args=("--num-blocks", "256", "--max-num-seqs", "64"))
+    up = Up(cfg)
+    url = up.start(timeout=120)
+    try:
+        yield Stack(up, url, up.nats.url if up.nats else "", str(tiny_models["llama"]))
+    finally:
+        up.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models: dict[str, Path]) -> Engine:
+    return Engine(EngineConfig(model=str(tiny_models["llama"]), num_blocks=128))
+
+
+def _greedy(engine: Engine, ids: list[int]) -> tuple[list[int], str]:
+    [out] = engine.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    return out.token_ids, out.text
+
+
+def _body(stack: Stack, **kw: object) -> dict[str, object]:
+    return {"model": Path(stack.model).name, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, **kw}
+
+
+def _sse(resp: httpx.Response) -> list[dict[str, object]]:
+    events = []
+    done = False
+    for line in resp.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            break
+        events.append(json.loads(data))
+    assert done, "stream must end with data: [DONE]"
+    return events
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_equal_engine(stack: Stack, reference: Engine, stream: bool) -> None:
+    for prompt in PROMPTS:
+        want_ids, want_text = _greedy(reference, reference.tokenizer.encode(prompt))
+        body = _body(stack, prompt=prompt, stream=stream, stream_options={"include_usage": True} if stream else None)
+        if not stream:
+            r = httpx.post(f"{stack.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            data = r.json()
+            assert data["choices"][0]["text"] == want_text
+            assert data["usage"]["completion_tokens"] == MAX_TOKENS
+            continue
+        with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = _sse(r)
+        text = "".join(str(c["text"]) for e in events for c in e["choices"])  # type: ignore[union-attr]
+        assert text == want_text
+        assert events[-1]["usage"]["completion_tokens"] == MAX_TOKENS  # type: ignore[index]
+        assert events[-1]["choices"] == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_engine(stack: Stack, reference: Engine, stream: bool) -> None:
+    want_ids, want_text = _greedy(reference, reference.tokenizer.chat(CHAT))
+    body = _body(stack, messages=CHAT, stream=stream)
+    if not stream:
+        r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want_text
+        return
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as r:
+        events = _sse(r)
+    text = "".join(str(c["delta"].get("content") or "") for e in events for c in e["choices"])  # type: ignore[union-attr]
+    assert text == want_text
+
+
+def test_token_id_prompt_and_n(stack: Stack, reference: Engine) -> None:
+    ids = reference.tokenizer.encode(PROMPTS[0])
+    want_ids, want_text = _greedy(reference, ids)
+    r = httpx.post(f"{stack.url}/v1/completions", json=_body(stack, prompt=ids, n=2), timeout=60)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert sorted(c["index"] for c in choices) == [0, 1]
+    assert all(c["text"] == want_text for c in choices)
+
+
+def test_openai_client(stack: Stack, reference: Engine) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", timeout=60)
+    model = Path(stack.model).name
+    assert model in [m.id for m in client.models.list().data]
+    extra = {"ignore_eos": True}
+    _, want = _greedy(reference, reference.tokenizer.encode(PROMPTS[0]))
+    c = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                  extra_body=extra)
+    assert c.choices[0].text == want
+    parts = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                      stream=True, extra_body=extra)
+    assert "".join(p.choices[0].text for p in parts if p.choices) == want
+    _, want_chat = _greedy(reference, reference.tokenizer.chat(CHAT))
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body=extra)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == want_chat
+    chunks = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, extra_body=extra)  # type: ignore[arg-type]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want_chat
+
+
+async def _kv_used(nats: str) -> dict[str, int]:
+    """Every worker's KV blocks in use, from their next heartbeats."""
+    bus = await Bus.connect(nats, "test-kv")
+    seen: dict[str, int] = {}
+
+    async def on_status(msg: object) -> None:
+        st = P.WorkerStatus.decode(msg.data)  # type: ignore[attr-defined]
+        seen[st.worker_id] = st.kv_used
+
+    await bus.subscribe(P.HEARTBEAT, on_status)
+    await asyncio.sleep(1.2)
+    await bus.close()
+    return seen
+
+
+async def _cancel_many(url: str, body: dict[str, object], n: int, concurrency: int) -> int:
+    """Open n streams, read the first token of each, then hang up. Returns how many got a token."""
+    got = 0
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def one() -> None:
+            nonlocal got
+            async with sem, client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        got += 1
+                        break  # leaving the block closes the connection mid-stream
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    return got
+
+
+def test_disconnect_frees_kv(stack: Stack) -> None:
+    before = asyncio.run(_kv_used(stack.nats))
+    body = _body(stack, prompt=PROMPTS[0] * 3, max_tokens=400, stream=True)
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    t0 = time.monotonic()
+    while True:
+        now = asyncio.run(_kv_used(stack.nats))
+        if now == before:
+            break
+        assert time.monotonic() - t0 < 5, f"KV blocks not freed: before {before}, now {now}"
+    # Many cancellations leave usage where it started.
+    n = 1000
+    got = asyncio.run(_cancel_many(stack.url, body, n, concurrency=32))
+    assert got == n
+    deadline = time.monotonic() + 15
+    while asyncio.run(_kv_used(stack.nats)) != before:
+        assert time.monotonic() < deadline, "KV usage did not return to where it started"
+    r = httpx.post(f"{stack.url}/v1/completions", json=_body(stack, prompt="still serving?"), timeout=60)
+    assert r.status_code == 200
