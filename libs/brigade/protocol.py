@@ -150,6 +150,7 @@ class WorkerStatus(Message):
     kv_used: int = 0
     kv_total: int = 0
     prefill_queued: int = 0  # prompt tokens not yet computed
+    served: int = 0  # requests finished here since start (handoffs excluded)
     transports: list[str] = field(default_factory=list)  # KV transports it accepts
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)

@@ -51,6 +51,7 @@ class Worker:
         self.layout = transfer.KvLayout.of(engine.runner.cache, engine.pool.block_size)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
+        self.served = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +118,7 @@ class Worker:
                 self._spawn(self._handoff(req, out))
             elif out.finished:
                 del self.active[out.request_id]
+                self.served += 1
 
     async def _on_step_error(self, error: BaseException) -> None:
         """A step raised: fail every request this worker holds rather than leave clients hanging."""
@@ -246,7 +248,7 @@ class Worker:
         return P.WorkerStatus(
             self.id, self.config.role, e.model.cfg.name, self.config.block_size, self.config.hash_seed,
             running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_used=e.pool.num_used,
-            kv_total=e.pool.num_blocks, prefill_queued=queued, transports=transports,
+            kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served, transports=transports,
             host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
             stopping=self.stopping)
 

@@ -1,0 +1,105 @@
+"""Workers joining and leaving a running system: the router follows heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from brigade import protocol as P
+from brigade.bus import Bus
+from brigade.launcher import Up, UpConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
+    u = Up(UpConfig(model=str(tiny_models["llama"]), port=_free_port(), router="round_robin", decode=1,
+                    worker_args=("--num-blocks", "128")))
+    u.start(timeout=120)
+    try:
+        yield u
+    finally:
+        u.stop()
+
+
+def _start_worker(up: Up, model: str, worker_id: str) -> subprocess.Popen[bytes]:
+    assert up.nats is not None
+    argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.url, "--model", model,
+            "--worker-id", worker_id, "--threads", "1", "--num-blocks", "128"]
+    return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+async def _served(nats: str) -> dict[str, int]:
+    """Requests each live worker has finished, from one round of heartbeats."""
+    bus = await Bus.connect(nats, "test-served")
+    seen: dict[str, int] = {}
+
+    async def on_status(msg: object) -> None:
+        st = P.WorkerStatus.decode(msg.data)  # type: ignore[attr-defined]
+        seen[st.worker_id] = st.served
+
+    await bus.subscribe(P.HEARTBEAT, on_status)
+    await asyncio.sleep(1.2)
+    await bus.close()
+    return seen
+
+
+def _routed(up: Up, body: dict[str, object], n: int) -> dict[str, int]:
+    """Send n requests (all must succeed); return how many each worker served meanwhile."""
+    assert up.nats is not None
+    before = asyncio.run(_served(up.nats.url))
+    url = f"http://{up.cfg.host}:{up.cfg.port}"
+    for _ in range(n):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    after = asyncio.run(_served(up.nats.url))
+    return {w: c - before.get(w, 0) for w, c in after.items() if c - before.get(w, 0)}
+
+
+async def _wait_status(nats: str, worker_id: str, timeout: float = 60) -> None:
+    bus = await Bus.connect(nats, "test-wait")
+    ready = asyncio.Event()
+
+    async def on_status(msg: object) -> None:
+        if P.WorkerStatus.decode(msg.data).worker_id == worker_id:  # type: ignore[attr-defined]
+            ready.set()
+
+    await bus.subscribe(P.HEARTBEAT, on_status)
+    try:
+        await asyncio.wait_for(ready.wait(), timeout)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_worker_joins_and_leaves(up: Up, tiny_models: dict[str, Path], stop_signal: signal.Signals) -> None:
+    assert up.nats is not None
+    body = {"model": "llama", "prompt": "hello there", "max_tokens": 4, "temperature": 0}
+    assert _routed(up, body, 4) == {"decode-0": 4}
+
+    late = _start_worker(up, str(tiny_models["llama"]), "late-1")
+    try:
+        asyncio.run(_wait_status(up.nats.url, "late-1"))
+        time.sleep(0.3)  # the router has seen the same heartbeat by now
+        assert _routed(up, body, 6) == {"decode-0": 3, "late-1": 3}  # round-robin over both
+    finally:
+        late.send_signal(stop_signal)
+        late.wait(timeout=30)
+    # A stopped worker gets no more requests, and no request fails: SIGTERM says so at once; after
+    # SIGKILL the router's forward finds no responder and moves on until the heartbeat lapses.
+    assert _routed(up, body, 6) == {"decode-0": 6}
