@@ -103,3 +103,34 @@ def test_worker_joins_and_leaves(up: Up, tiny_models: dict[str, Path], stop_sign
     # A stopped worker gets no more requests, and no request fails: SIGTERM says so at once; after
     # SIGKILL the router's forward finds no responder and moves on until the heartbeat lapses.
     assert _routed(up, body, 6) == {"decode-0": 6}
+
+
+def test_failed_kv_transfer_falls_back_to_local_prefill(tiny_models: dict[str, Path]) -> None:
+    """A prefill worker that cannot reach the decode worker's KV pool (shm against a pool that is not
+    in shared memory) hands the request to the decode worker, which prefills it itself: same output."""
+    from brigade.engine.engine import Engine, EngineConfig
+    from brigade.engine.sampling import SamplingParams
+
+    model = str(tiny_models["llama"])
+    up = Up(UpConfig(model=model, port=_free_port(), decode=1, disagg_threshold=4,
+                     worker_args=("--num-blocks", "128", "--kv-transport", "nats")))
+    up.start(timeout=120)
+    assert up.nats is not None
+    prefill = subprocess.Popen([sys.executable, "-m", "brigade.cli", "prefill", "--nats", up.nats.url, "--model", model,
+                                "--worker-id", "prefill-shm", "--threads", "1", "--kv-transport", "shm"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        asyncio.run(_wait_status(up.nats.url, "prefill-shm"))
+        time.sleep(0.3)
+        prompt = "The quick brown fox jumps over the lazy dog and then"
+        ref = Engine(EngineConfig(model=model, num_blocks=64)).generate(
+            [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        served = _routed(up, body, 1)
+        assert served == {"decode-0": 1}  # finished on the decode worker, after the prefill worker's first token
+        r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", json=body, timeout=60)
+        assert r.json()["choices"][0]["text"] == ref.text
+    finally:
+        prefill.terminate()
+        prefill.wait(timeout=30)
+        up.stop()
