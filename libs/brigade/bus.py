@@ -22,6 +22,7 @@ from brigade.protocol import Message
 log = logging.getLogger("brigade.bus")
 
 DEFAULT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 30.0  # services may start before NATS (compose): keep trying this long, then fail
 # Headers count against the server's max payload but the client checks only the payload: keep room.
 HEADER_MARGIN = 4096
 
@@ -41,7 +42,7 @@ class Bus:
         self.name = name
 
     @classmethod
-    async def connect(cls, url: str, name: str, timeout: float = DEFAULT_TIMEOUT) -> Bus:
+    async def connect(cls, url: str, name: str, timeout: float = CONNECT_TIMEOUT) -> Bus:
         """Connect (retrying until `timeout`), then reconnect forever on drops."""
 
         async def on_error(e: Exception) -> None:
@@ -56,11 +57,12 @@ class Bus:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                nc = await nats.connect(
+                # nats-py keeps retrying inside connect() with unlimited reconnects: bound it ourselves.
+                nc = await asyncio.wait_for(nats.connect(
                     url, name=name, connect_timeout=min(2.0, timeout), max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5, error_cb=on_error, disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect, allow_reconnect=True,
-                )
+                ), timeout=max(0.5, deadline - asyncio.get_running_loop().time()))
                 return cls(nc, name)
             except Exception as e:  # nats raises several unrelated types on refused connections
                 if asyncio.get_running_loop().time() > deadline:

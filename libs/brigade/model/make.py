@@ -382,6 +382,7 @@ def demo_model_dir() -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache shared with other users (containers) must stay readable
     try:
         make_model("llama", "tiny", tmp, seed=0)
         (tmp / "brigade-demo.json").write_text(json.dumps({"recipe": _MODEL_RECIPE}) + "\n")
