@@ -55,6 +55,172 @@ def _bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from brigade.bench import loadgen, report
+    from brigade.bench.workloads import build
+
+    if not args.url or not args.out:
+        print("brigade bench: --url and --out are required (or use a subcommand: offline, compare, plot)",
+              file=sys.stderr)
+        return 2
+    served, max_len = loadgen.discover(args.url)
+    model = args.model or served
+    if model is None:
+        print(f"brigade bench: no model listed at {args.url}/v1/models; pass --model", file=sys.stderr)
+        return 2
+    max_context = args.max_context or max_len or 8192
+    requests = build(args.workload, args.requests, args.vocab, args.seed, max_context, args.rate)
+    config = {"url": args.url, "model": model, "workload": args.workload, "requests": args.requests,
+              "rate": args.rate, "concurrency": args.concurrency, "seed": args.seed, "vocab": args.vocab,
+              "max_context": max_context, "timeout": args.timeout, "warmup": args.warmup}
+    print(f"brigade bench: {args.workload}, {len(requests)} requests to {model} at {args.url} "
+          f"(max context {max_context})", file=sys.stderr)
+    cfg = loadgen.LoadConfig(args.url, model, args.rate, args.concurrency, args.seed, args.timeout, warmup=args.warmup)
+    records, duration = asyncio.run(loadgen.run(cfg, requests, loadgen.Progress(len(requests))))
+    res = report.result(config, records, duration)
+    print(report.summary_text(res["summary"], res["tags"]))
+    report.write(res, args.out)
+    if args.plot:
+        from brigade.bench import plot
+
+        plot.plot([("", res)], args.plot)
+    return 0 if res["summary"]["successful"] else 1
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A JSON file, or YAML (needs pyyaml) for any other suffix."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        return dict(json.loads(text))
+    import yaml
+
+    return dict(yaml.safe_load(text))
+
+
+def _up_config(flags: Any) -> Any:
+    """An UpConfig from `brigade up` flags (a list, or one string); a free port unless --port is given."""
+    import shlex
+    import socket
+
+    from brigade.launcher import UpConfig
+
+    argv = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
+    try:
+        a = parser().parse_args(["up", *argv])
+    except SystemExit as e:  # argparse has printed why
+        raise ValueError(f"bad up flags {argv}") from e
+    port = a.port
+    if not any(f == "--port" or f.startswith("--port=") for f in argv):
+        with socket.socket() as s:  # a second system must not collide with anything already on 8000
+            s.bind((a.host, 0))
+            port = int(s.getsockname()[1])
+    # Mirrors _up.
+    return UpConfig(model=a.model, host=a.host, port=port, mode=a.mode, prefill=a.prefill, decode=a.decode,
+                    router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
+                    disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg))
+
+
+def _bench_compare(args: argparse.Namespace) -> int:
+    """Every system of the config on the same workload, one after another; a table of ratios to the first."""
+    import asyncio
+    from dataclasses import asdict
+
+    from brigade.bench import loadgen, report
+    from brigade.bench.workloads import Request, build
+
+    conf = _read_config(args.config)
+    workload, n, seed = conf.get("workload", "mixed"), int(conf.get("requests", 100)), int(conf.get("seed", 0))
+    rate, concurrency = conf.get("rate"), conf.get("concurrency")
+    vocab, timeout = int(conf.get("vocab", 1024)), float(conf.get("timeout", 600))
+    cache: dict[str, list[Request]] = {}
+
+    def requests(max_len: int | None) -> list[Request]:
+        # Built once, for the first system's context unless the config fixes max_context: all see the same.
+        if "w" not in cache:
+            max_context = int(conf.get("max_context") or max_len or 8192)
+            conf["max_context"] = max_context
+            cache["w"] = build(workload, n, vocab, seed, max_context, rate)
+        return cache["w"]
+
+    def served(url: str, model: str | None) -> dict[str, Any]:
+        listed, max_len = loadgen.discover(url)
+        model = model or listed
+        if model is None:
+            raise ValueError(f"no model listed at {url}/v1/models; give the system a model")
+        reqs = requests(max_len)
+        cfg = loadgen.LoadConfig(url, model, rate, concurrency, seed, timeout, warmup=int(conf.get("warmup", 1)))
+        records, duration = asyncio.run(loadgen.run(cfg, reqs, loadgen.Progress(len(reqs))))
+        return report.result({"url": url, "model": model}, records, duration)
+
+    def hf_static(spec: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from brigade.bench.offline import run_hf_static
+        from brigade.model.make import resolve_model
+
+        if conf.get("threads"):
+            torch.set_num_threads(int(conf["threads"]))
+        model = resolve_model(spec["model"])
+        max_len = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
+        reqs = requests(max_len)
+        # Throughput only: static batches run in arrival order, all requests available at once.
+        run = run_hf_static(str(model), reqs, int(spec.get("batch_size", 32)))
+        inp = sum(len(r.prompt_ids) for r in reqs)
+        summary = {"requests": len(reqs), "successful": len(reqs), "failed": 0, "duration_s": run.seconds,
+                   "total_input_tokens": inp, "total_output_tokens": run.output_tokens,
+                   "request_throughput": len(reqs) / run.seconds, "output_throughput": run.tokens_per_s,
+                   "total_token_throughput": (inp + run.output_tokens) / run.seconds}
+        return {"summary": summary, "static": asdict(run)}
+
+    results: list[dict[str, Any]] = []
+    for i, spec in enumerate(conf.get("systems") or []):
+        name = str(spec.get("name") or f"system-{i}")
+        kind = next((k for k in ("up", "url", "hf_static") if k in spec), "?")
+        print(f"brigade bench compare: {name} ({kind})", file=sys.stderr, flush=True)
+        try:
+            if kind == "url":
+                res = served(str(spec["url"]), spec.get("model"))
+            elif kind == "up":
+                from brigade.launcher import Up
+
+                up = Up(_up_config(spec["up"]))
+                try:
+                    res = served(up.start(timeout=float(conf.get("start_timeout", 300))), spec.get("model"))
+                finally:
+                    up.stop()
+            elif kind == "hf_static":
+                res = hf_static(dict(spec["hf_static"]))
+            else:
+                raise ValueError("a system needs one of up:, url:, hf_static:")
+        except Exception as e:  # one broken system must not lose the others' results
+            res = {"error": f"{type(e).__name__}: {e}"}
+        results.append({"name": name, "kind": kind, **res})
+    print(report.compare_table(results))
+    report.write({"config": conf, "systems": results}, args.out)
+    if args.plot:
+        from brigade.bench import plot
+
+        plot.plot([(r["name"], r) for r in results if "requests" in r], args.plot)
+    return 0 if any("summary" in r for r in results) else 1
+
+
+def _bench_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from brigade.bench import plot
+
+    runs = []
+    for f in args.files:
+        label = Path(f).stem if len(args.files) > 1 else ""
+        runs += plot.runs_from_json(json.loads(Path(f).read_text()), label)
+    plot.plot(runs, args.out)
+    return 0
+
+
 def _service(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         import asyncio
@@ -148,8 +314,28 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
     u.set_defaults(fn=_up)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from brigade.bench.workloads import WORKLOADS
+
+    b = sub.add_parser("bench", help="serving benchmark against an OpenAI-compatible server; bench tools",
+                       description="Stream a workload to --url and time every request (TTFT, ITL, TPOT, E2E), or "
+                                   "run a subcommand.")
+    b.add_argument("--url", help="server root, e.g. http://127.0.0.1:8000")
+    b.add_argument("--workload", default="mixed", choices=list(WORKLOADS))
+    b.add_argument("--requests", type=int, default=100)
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, help="Poisson arrivals, requests/s (interference: its short-chat rate)")
+    load.add_argument("--concurrency", type=int, help="closed loop: at most this many requests in flight")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--model", help="model name to send (default: the first one GET /v1/models lists)")
+    b.add_argument("--vocab", type=int, default=1024, help="prompt token ids are drawn from [16, vocab)")
+    b.add_argument("--max-context", type=int, help="prompt + output limit (default: /v1/models max_model_len, "
+                                                   "else 8192)")
+    b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    b.add_argument("--warmup", type=int, default=1, help="untimed 16-token requests sent first")
+    b.add_argument("--out", help="write config, summary, per-tag summaries and per-request records as JSON")
+    b.add_argument("--plot", help="write TTFT/ITL distribution plots as PNG (needs the bench extra)")
+    b.set_defaults(fn=_bench_serve)
+    bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{offline,compare,plot}")
     o = bsub.add_parser("offline", help="in-process engine throughput vs Hugging Face static batching")
     o.add_argument("--model", default="demo")
     o.add_argument("--workload", default="mixed", choices=["mixed"])
@@ -162,6 +348,15 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     o.add_argument("--out", help="write the report as JSON")
     o.set_defaults(fn=_bench_offline)
+    c = bsub.add_parser("compare", help="several systems (brigade up flags, URLs, HF static) on one workload")
+    c.add_argument("--config", required=True, help="YAML or JSON: workload settings and systems (docs/benchmarks.md)")
+    c.add_argument("--out", required=True, help="write every system's results as JSON")
+    c.add_argument("--plot", help="write the systems' TTFT/ITL distributions as PNG")
+    c.set_defaults(fn=_bench_compare)
+    pl = bsub.add_parser("plot", help="plot saved bench results (several runs: throughput vs rate too)")
+    pl.add_argument("files", nargs="+", help="JSON results of brigade bench or bench compare")
+    pl.add_argument("--out", required=True, help="PNG file")
+    pl.set_defaults(fn=_bench_plot)
     return p
 
 
