@@ -307,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"])
     u.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg mode)")
     u.add_argument("--decode", type=int, default=1, help="decode workers")
-    u.add_argument("--router", default="least_loaded", choices=["round_robin", "least_loaded"])
+    u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"])
     u.add_argument("--nats", help="use this NATS server instead of starting one")
     u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "cuda-ipc"])
     u.add_argument("--disagg-threshold", type=int, default=64, help="shorter prompts prefill on the decode worker")

@@ -43,10 +43,17 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     nats: str = DEFAULT_NATS
-    policy: str = "least_loaded"  # round_robin | least_loaded (| prefix, with the routing issue)
+    policy: str = "prefix"  # prefix | round_robin | least_loaded
     heartbeat_timeout: float = 3.0  # a worker silent this long is dead
     disagg_threshold: int = 64  # prompts with fewer uncached tokens are prefilled on the decode worker
     forward_timeout: float = 5.0
+    block_size: int = 16  # workers with another block size or hash seed are refused
+    hash_seed: int = 0
+    registry_capacity: int = 1_000_000  # block hashes kept in the prefix registry (LRU)
+    prefill_weight: float = 1.0  # `a` in the prefix cost (DESIGN §4)
+    temperature: float = 0.0  # > 0: sample workers by softmax(-cost / temperature) (several routers)
+    recent_ttl: float = 2.0  # seconds a routing decision steers its siblings before KV events arrive
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
 
 @dataclass(frozen=True)

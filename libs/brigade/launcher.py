@@ -24,7 +24,7 @@ class UpConfig:
     mode: str = "colocated"  # colocated | disagg
     prefill: int = 1
     decode: int = 1
-    router: str = "least_loaded"
+    router: str = "prefix"
     nats: str = ""  # an existing server; empty: start an embedded one
     kv_transport: str = "shm"
     disagg_threshold: int = 64
@@ -107,6 +107,7 @@ class Up:
         self.cfg = cfg
         self.nats: NatsServer | None = None
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
 
     def start(self, timeout: float = 120.0) -> str:
         """Start everything; return the gateway URL once workers report and the gateway is healthy."""
@@ -117,8 +118,8 @@ class Up:
             url = self.nats.start()
         cmds = commands(self.cfg, url, model)
         for name, argv, env in cmds:
-            proc = subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True)
-            self.procs.append((name, proc))
+            self.argv[name] = (argv, env)
+            self.procs.append((name, self._spawn(name)))
         workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway"))
         try:
             asyncio.run(_wait_workers(url, workers, timeout))
@@ -128,6 +129,22 @@ class Up:
             self.stop()
             raise
         return base
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        argv, env = self.argv[name]
+        return subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one child (tests use it to fail a worker or the router)."""
+        for n, p in self.procs:
+            if n == name and p.poll() is None:
+                p.send_signal(sig)
+                p.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Kill one child and start it again with the same command."""
+        self.kill(name)
+        self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, self._spawn(name))]
 
     def failed(self) -> list[str]:
         return [name for name, p in self.procs if p.poll() is not None]

@@ -19,6 +19,7 @@ ROUTER_GENERATE = "brigade.router.generate"  # gateway -> router (request/reply:
 HEARTBEAT = "brigade.heartbeat"  # workers -> all: WorkerStatus every heartbeat period
 CANCEL = "brigade.cancel"  # gateway -> all workers: Cancel (whoever holds the request drops it)
 KV_EVENTS = "brigade.kv_events"  # workers -> routers: KvEvents batches
+EXPERTS_HEARTBEAT = "brigade.experts.heartbeat"  # expert shards -> workers: ExpertsStatus
 
 
 def worker_generate(worker_id: str) -> str:
@@ -36,9 +37,19 @@ def worker_handoff(worker_id: str) -> str:
     return f"brigade.worker.{worker_id}.handoff"
 
 
+def worker_kv_dump(worker_id: str) -> str:
+    """Router -> worker: KvDumpRequest (request/reply: KvDump), after a gap or a router restart."""
+    return f"brigade.worker.{worker_id}.kv_dump"
+
+
 def worker_kv(worker_id: str) -> str:
     """Prefill -> decode worker: KvChunk messages of the `nats` transport (request/reply: Ack)."""
     return f"brigade.worker.{worker_id}.kv"
+
+
+def experts_dispatch(shard_id: str) -> str:
+    """Worker -> expert shard: ExpertsDispatch (request/reply: ExpertsResult); a queue group per shard id."""
+    return f"brigade.experts.{shard_id}.dispatch"
 
 
 def new_inbox_prefix() -> str:
@@ -151,6 +162,8 @@ class WorkerStatus(Message):
     kv_total: int = 0
     prefill_queued: int = 0  # prompt tokens not yet computed
     served: int = 0  # requests finished here since start (handoffs excluded)
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which served from cache
     transports: list[str] = field(default_factory=list)  # KV transports it accepts
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)
@@ -206,3 +219,83 @@ class Ack(Message):
     KIND: ClassVar[str] = "ack"
     ok: bool = True
     error: str | None = None
+
+
+@dataclass
+class KvEvents(Message):
+    """A batch of prefix-cache changes on one worker, numbered 0, 1, 2, ... per worker.
+
+    `ops` in order: ["stored", [hashes], parent_hash | None], ["removed", [hashes], None], ["cleared", [], None].
+    """
+
+    KIND: ClassVar[str] = "kv_events"
+    worker_id: str
+    event_id: int
+    ops: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class KvDumpRequest(Message):
+    KIND: ClassVar[str] = "kv_dump_request"
+    worker_id: str
+
+
+@dataclass
+class KvDump(Message):
+    """Every block hash a worker has cached, as of its event `event_id` (-1: none sent yet)."""
+
+    KIND: ClassVar[str] = "kv_dump"
+    worker_id: str
+    event_id: int
+    hashes: list[int] = field(default_factory=list)
+    block_size: int = 16
+    hash_seed: int = 0
+
+
+# ---- MoE expert shards (DESIGN §5): one dispatch per shard per layer per step, tensors as raw bytes ------
+@dataclass
+class ExpertsStatus(Message):
+    """Heartbeat of one expert shard: which experts of which layers it holds (the published placement)."""
+
+    KIND: ClassVar[str] = "experts_status"
+    shard_id: str  # dispatch subject: experts_dispatch(shard_id)
+    model: str
+    shard: int = 0
+    num_shards: int = 1
+    num_experts: int = 0
+    hidden_size: int = 0
+    experts: list[list[int]] = field(default_factory=list)  # per MoE layer: expert ids held here
+    dtype: str = "float32"
+    host: str = ""
+    metrics_port: int = 0
+    served: int = 0  # dispatches answered since start
+    time: float = 0.0
+    stopping: bool = False
+
+
+@dataclass
+class ExpertsDispatch(Message):
+    """Worker -> shard: the step's tokens routed to this shard for one layer, each token once.
+
+    Little-endian raw arrays: `hidden` [rows, h] in `dtype`; per assignment (a token's routed expert that
+    lives here) `token` int32 [a] (row in `hidden`), `expert` int32 [a], `weight` [a] in `dtype`.
+    """
+
+    KIND: ClassVar[str] = "experts_dispatch"
+    layer: int
+    dtype: str
+    rows: int
+    hidden: bytes
+    token: bytes
+    expert: bytes
+    weight: bytes
+
+
+@dataclass
+class ExpertsResult(Message):
+    """Shard -> worker: per row of the dispatch, the gate-weighted sum of its experts' outputs [rows, h]."""
+
+    KIND: ClassVar[str] = "experts_result"
+    data: bytes = b""
+    error: str | None = None
+    compute_s: float = 0.0  # time the shard spent in the experts (for dispatch/combine overhead figures)

@@ -14,7 +14,8 @@ class WorkerState:
     status: WorkerStatus
     last_seen: float
     booked_requests: int = 0
-    booked_tokens: int = 0  # prompt tokens sent since the last report
+    booked_tokens: int = 0  # uncached prompt tokens sent since the last report
+    booked_blocks: int = 0  # KV blocks those requests will take
 
     @property
     def id(self) -> str:
@@ -60,9 +61,10 @@ class Fleet:
         return sorted((st for st in self.workers.values()
                        if st.role in roles and now - st.last_seen <= self.heartbeat_timeout), key=lambda s: s.id)
 
-    def book(self, worker_id: str, prompt_tokens: int) -> None:
+    def book(self, worker_id: str, prompt_tokens: int, blocks: int = 0) -> None:
         """Count a routed request against the worker at once, before its next report (no herding)."""
         st = self.workers.get(worker_id)
         if st is not None:
             st.booked_requests += 1
             st.booked_tokens += prompt_tokens
+            st.booked_blocks += blocks

@@ -1,4 +1,4 @@
-"""The router (maître d'): tracks live workers, picks where each request runs, forwards it."""
+"""The router (maître d'): tracks live workers and their cached prefixes, picks where each request runs."""
 
 from __future__ import annotations
 
@@ -9,65 +9,166 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from brigade import protocol as P
 from brigade.bus import Bus, BusError
 from brigade.config import RouterConfig
+from brigade.kv.hashing import hash_blocks
 from brigade.routing.fleet import Fleet
-from brigade.routing.policy import Policy, decide
+from brigade.routing.index import PrefixIndex
+from brigade.routing.policy import Policy, PrefixCost, decide
 
 log = logging.getLogger("brigade.router")
 MAX_ATTEMPTS = 3
 
 
+class RouterMetrics:
+    """brigade:router_* series on the router's own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decision = Histogram("brigade:router_decision_seconds", "Time to pick a worker", registry=r,
+                                  buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2))
+        self.prompt_tokens = Counter("brigade:router_prompt_tokens", "Prompt tokens routed", ["worker"], registry=r)
+        self.hit_tokens = Counter("brigade:router_prefix_hit_tokens", "Prompt tokens routed to a worker holding them",
+                                  ["worker"], registry=r)
+        self.gaps = Counter("brigade:router_kv_event_gaps", "KV event sequences with lost events", registry=r)
+        self.recoveries = Counter("brigade:router_kv_dump_recoveries", "Registry resyncs from a worker dump",
+                                  registry=r)
+        self.registry_blocks = Gauge("brigade:router_registry_blocks", "Block hashes in the prefix registry",
+                                     registry=r)
+        self.workers = Gauge("brigade:router_workers", "Live workers", ["role"], registry=r)
+        self.refused = Counter("brigade:router_workers_refused", "Workers refused (block size / hash seed)",
+                               registry=r)
+
+
 class Router:
-    """Subscribes to heartbeats and generate requests; one decision per request."""
+    """Subscribes to heartbeats, KV events and generate requests; one decision per request."""
 
     def __init__(self, config: RouterConfig, bus: Bus) -> None:
         self.config = config
         self.bus = bus
         self.fleet = Fleet(config.heartbeat_timeout)
-        self.policy = Policy(config.policy)
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.index = PrefixIndex(capacity=config.registry_capacity)
+        self.policy = Policy(config.policy, PrefixCost(config.block_size, config.prefill_weight, config.temperature))
+        self.metrics = RouterMetrics()
+        self.refused: set[str] = set()
+        self.dumping: set[str] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         await self.bus.subscribe(P.HEARTBEAT, self._on_status)
-        # A queue group: several routers share the requests, each request goes to one of them.
+        await self.bus.subscribe(P.KV_EVENTS, self._on_kv_events)
+        # A queue group: several routers share the requests; every router sees every event.
         await self.bus.subscribe(P.ROUTER_GENERATE, self._on_generate, queue="routers")
-        self.tasks.append(asyncio.ensure_future(self._purge_loop()))
+        self._spawn(self._purge_loop())
         await self.bus.flush()
 
     async def stop(self) -> None:
-        for t in self.tasks:
+        for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
+    # ---- workers ------------------------------------------------------------------------------
     async def _on_status(self, msg: Any) -> None:
-        self.fleet.update(P.WorkerStatus.decode(msg.data), time.monotonic())
+        st = P.WorkerStatus.decode(msg.data)
+        if st.block_size != self.config.block_size or st.hash_seed != self.config.hash_seed:
+            if st.worker_id not in self.refused:
+                self.refused.add(st.worker_id)
+                self.metrics.refused.inc()
+                log.error("refusing worker %s: block size %d / hash seed %d, router expects %d / %d",
+                          st.worker_id, st.block_size, st.hash_seed, self.config.block_size, self.config.hash_seed)
+            return
+        self.fleet.update(st, time.monotonic())
+        if st.stopping:
+            self.index.purge(st.worker_id)
+        elif self.index.needs_dump(st.worker_id):
+            self._request_dump(st.worker_id)  # a worker we have no registry for (new, or we restarted)
+
+    async def _on_kv_events(self, msg: Any) -> None:
+        ev = P.KvEvents.decode(msg.data)
+        if ev.worker_id in self.refused:
+            return
+        gaps = self.index.events[ev.worker_id].gaps if ev.worker_id in self.index.events else 0
+        if not self.index.apply(ev.worker_id, ev.event_id, ev.ops):
+            if ev.worker_id in self.index.events and self.index.events[ev.worker_id].gaps > gaps:
+                self.metrics.gaps.inc()
+                log.warning("lost KV events from %s (now at %d); asking for a dump", ev.worker_id, ev.event_id)
+            self._request_dump(ev.worker_id)
+        self.metrics.registry_blocks.set(len(self.index))
+
+    def _request_dump(self, worker: str) -> None:
+        if worker in self.dumping:
+            return
+        self.dumping.add(worker)
+        self._spawn(self._dump(worker))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _dump(self, worker: str) -> None:
+        try:
+            data = await self.bus.request(P.worker_kv_dump(worker), P.KvDumpRequest(worker), timeout=5.0)
+            dump = P.KvDump.decode(data)
+            self.index.load_dump(worker, dump.event_id, dump.hashes)
+            self.metrics.recoveries.inc()
+            self.metrics.registry_blocks.set(len(self.index))
+            log.info("registry synced from %s: %d blocks as of event %d", worker, len(dump.hashes), dump.event_id)
+        except (BusError, P.ProtocolError) as e:
+            log.warning("KV dump from %s failed: %s", worker, e)
+        finally:
+            self.dumping.discard(worker)
 
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_timeout / 3)
             for w in self.fleet.purge(time.monotonic()):
+                self.index.purge(w)
                 log.warning("worker %s missed its heartbeats; no longer routed to", w)
+            for role in ("prefill", "decode", "colocated"):
+                self.metrics.workers.labels(role).set(len(self.fleet.live((role,), time.monotonic())))
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _hashes(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's block hashes as workers compute them (model name as the extra, same seed)."""
+        if self.policy.name != "prefix" or not self.fleet.workers:
+            return []
+        model = next(iter(self.fleet.workers.values())).status.model
+        return hash_blocks(prompt_ids, self.config.block_size, extra=model.encode(), seed=self.config.hash_seed)
 
     async def _on_generate(self, msg: Any) -> None:
         req = P.GenerateRequest.decode(msg.data)
         failed: set[str] = set()
+        prompt = req.prompt_ids + req.output_ids
+        bs = self.config.block_size
         for _ in range(MAX_ATTEMPTS):
-            d = decide(self.fleet, self.policy, len(req.prompt_ids), self.config.disagg_threshold,
-                       time.monotonic(), failed)
+            t0 = time.perf_counter()
+            hashes = self._hashes(prompt)
+            d = decide(self.fleet, self.policy, len(prompt), self.config.disagg_threshold, time.monotonic(),
+                       failed, hashes, self.index)
+            self.metrics.decision.observe(time.perf_counter() - t0)
             if d is None:
                 break
-            fwd = replace(req, decode_worker=d.decode)
-            self.fleet.book(d.worker, len(req.prompt_ids))
+            uncached = max(len(prompt) - d.cached_blocks * bs, 0)
+            self.fleet.book(d.worker, uncached, -(-uncached // bs))
             if d.decode:
-                self.fleet.book(d.decode, 0)
+                self.fleet.book(d.decode, 0, -(-len(prompt) // bs))
+            if hashes:
+                self.index.remember(hashes, d.worker, self.config.recent_ttl)
+            self.metrics.prompt_tokens.labels(d.worker).inc(len(prompt))
+            self.metrics.hit_tokens.labels(d.worker).inc(min(d.cached_blocks * bs, len(prompt)))
+            fwd = replace(req, decode_worker=d.decode)
             try:
                 reply = await self.bus.request(P.worker_generate(d.worker), fwd, timeout=self.config.forward_timeout)
             except BusError as e:
                 log.warning("worker %s did not take %s: %s", d.worker, req.request_id, e)
                 failed.add(d.worker)
                 self.fleet.remove(d.worker)
+                self.index.purge(d.worker)
                 continue
             await self.bus.respond(msg, reply)
             return
@@ -77,6 +178,8 @@ class Router:
 async def serve(config: RouterConfig) -> None:
     bus = await Bus.connect(config.nats, "router")
     router = Router(config, bus)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, registry=router.metrics.registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -27,10 +28,12 @@ from brigade.engine.async_engine import AsyncEngine
 from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
 from brigade.engine.sampling import SamplingParams
 from brigade.kv import transfer
+from brigade.kv.pool import KvEvent
 from brigade.model.make import resolve_model
 
 log = logging.getLogger("brigade.worker")
 CANCEL_MEMORY_S = 60.0  # a cancelled id is refused this long, so a late handoff cannot revive it
+KV_EVENT_PERIOD_S = 0.02  # how often queued prefix-cache changes are published
 
 
 class Worker:
@@ -52,6 +55,11 @@ class Worker:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.served = 0
+        # Prefix-cache changes, appended on the engine thread, published in numbered batches.
+        self.kv_ops: list[list[Any]] = []
+        self.kv_lock = threading.Lock()
+        self.kv_event_id = -1
+        engine.pool.on_event = self._on_kv_event
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -59,6 +67,7 @@ class Worker:
         await b.subscribe(P.worker_generate(self.id), self._on_generate)
         await b.subscribe(P.CANCEL, self._on_cancel)
         await b.subscribe(P.HEARTBEAT, self._on_peer)
+        await b.subscribe(P.worker_kv_dump(self.id), self._on_kv_dump)
         if self.config.role in ("decode", "colocated"):
             await b.subscribe(P.worker_allocate(self.id), self._on_allocate)
             await b.subscribe(P.worker_handoff(self.id), self._on_handoff)
@@ -69,6 +78,7 @@ class Worker:
             self.sender = transfer.make_sender(self.config.kv_transport, b)
         self._spawn(self.aengine.run())
         self._spawn(self._heartbeat())
+        self._spawn(self._kv_event_loop())
         await b.flush()
         await self._publish_status()  # routers learn about us at once, not after a period
         log.info("worker %s (%s) ready", self.id, self.config.role)
@@ -235,6 +245,50 @@ class Worker:
         self.active[rid] = req
         await self.bus.respond(msg, P.Ack(True))
 
+    # ---- prefix-cache events for the routers ----------------------------------------------------
+    def _on_kv_event(self, ev: KvEvent) -> None:
+        """Engine thread: queue one change, merging runs (a chain of stored blocks is one op)."""
+        with self.kv_lock:
+            last = self.kv_ops[-1] if self.kv_ops else None
+            if last is not None and last[0] == ev.kind == "stored" and ev.parent_hash == last[1][-1]:
+                last[1].extend(ev.block_hashes)
+            elif last is not None and last[0] == ev.kind == "removed":
+                last[1].extend(ev.block_hashes)
+            else:
+                self.kv_ops.append([ev.kind, list(ev.block_hashes), ev.parent_hash])
+
+    def _take_kv_ops(self) -> tuple[int, list[list[Any]]]:
+        """Swap out the queued ops and number them as the next batch ((-1, []) when there are none)."""
+        with self.kv_lock:
+            ops, self.kv_ops = self.kv_ops, []
+            if not ops:
+                return self.kv_event_id, []
+            self.kv_event_id += 1
+            return self.kv_event_id, ops
+
+    async def _kv_event_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KV_EVENT_PERIOD_S)
+            event_id, ops = self._take_kv_ops()
+            if ops:
+                await self.bus.publish(P.KV_EVENTS, P.KvEvents(self.id, event_id, ops))
+
+    async def _on_kv_dump(self, msg: Any) -> None:
+        """Every cached hash, as of our last numbered batch.
+
+        Taken on the engine thread between steps. Changes queued but not yet published are already in
+        the snapshot; the batch that carries them later re-applies them, which is harmless (set adds and
+        removes replayed onto their own result give the same set).
+        """
+
+        def snapshot() -> tuple[int, list[int]]:
+            with self.kv_lock:
+                event_id = self.kv_event_id
+            return event_id, list(self.engine.pool.by_hash)
+
+        event_id, hashes = await self.aengine.call(snapshot)
+        await self.bus.respond(msg, P.KvDump(self.id, event_id, hashes, self.config.block_size, self.config.hash_seed))
+
     # ---- status ------------------------------------------------------------------------------
     async def _on_peer(self, msg: Any) -> None:
         status = P.WorkerStatus.decode(msg.data)
@@ -248,7 +302,8 @@ class Worker:
         return P.WorkerStatus(
             self.id, self.config.role, e.model.cfg.name, self.config.block_size, self.config.hash_seed,
             running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_used=e.pool.num_used,
-            kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served, transports=transports,
+            kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served,
+            prefix_queries=e.pool.stats.prefix_queries, prefix_hits=e.pool.stats.prefix_hits, transports=transports,
             host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
             stopping=self.stopping)
 
