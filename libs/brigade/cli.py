@@ -121,7 +121,7 @@ def _up_config(flags: Any) -> Any:
     # Mirrors _up.
     return UpConfig(model=a.model, host=a.host, port=port, mode=a.mode, prefill=a.prefill, decode=a.decode,
                     router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
-                    disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg))
+                    disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts)
 
 
 def _bench_compare(args: argparse.Namespace) -> int:
@@ -143,7 +143,7 @@ def _bench_compare(args: argparse.Namespace) -> int:
         if "w" not in cache:
             max_context = int(conf.get("max_context") or max_len or 8192)
             conf["max_context"] = max_context
-            cache["w"] = build(workload, n, vocab, seed, max_context, rate)
+            cache["w"] = build(workload, n, vocab, seed, max_context, rate, conf.get("workload_options"))
         return cache["w"]
 
     def served(url: str, model: str | None) -> dict[str, Any]:
@@ -237,6 +237,10 @@ def _service(name: str) -> Any:
             from brigade.services import router as svc  # type: ignore[no-redef]
 
             cfg = C.from_args(C.RouterConfig, args)
+        elif name == "experts":
+            from brigade.services import experts as svc  # type: ignore[no-redef]
+
+            cfg = C.from_args(C.ExpertsConfig, args)
         else:
             from brigade.services import worker as svc  # type: ignore[no-redef]
 
@@ -258,7 +262,8 @@ def _up(args: argparse.Namespace) -> int:
 
     return run(UpConfig(model=args.model, host=args.host, port=args.port, mode=args.mode, prefill=args.prefill,
                         decode=args.decode, router=args.router, nats=args.nats or "", kv_transport=args.kv_transport,
-                        disagg_threshold=args.disagg_threshold, worker_args=tuple(args.worker_arg)))
+                        disagg_threshold=args.disagg_threshold, worker_args=tuple(args.worker_arg),
+                        experts=args.experts))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,6 +298,7 @@ def parser() -> argparse.ArgumentParser:
         ("router", C.RouterConfig, "the router"),
         ("prefill", C.WorkerConfig, "a prefill worker"),
         ("decode", C.WorkerConfig, "a decode worker (also runs whole requests: colocated mode)"),
+        ("experts", C.ExpertsConfig, "an MoE expert shard (--shard I/N): serves its experts' dispatches"),
     ]:
         sp = sub.add_parser(name, help=helptext)
         C.add_flags(sp, cls)
@@ -307,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"])
     u.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg mode)")
     u.add_argument("--decode", type=int, default=1, help="decode workers")
+    u.add_argument("--experts", type=int, default=0, help="MoE expert shards (0: experts run inside the workers)")
     u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"])
     u.add_argument("--nats", help="use this NATS server instead of starting one")
     u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "cuda-ipc"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import Any
 
 LOW_ID = 16  # skip the lowest ids: small checkpoints keep their special tokens there
 
@@ -127,16 +128,17 @@ WORKLOADS = {"mixed": mixed, "rag": rag, "interference": interference, "sharegpt
 
 
 def build(name: str, n: int, vocab: int, seed: int = 0, max_context: int = 8192,
-          rate: float | None = None) -> list[Request]:
-    """The named workload, every request fitted to max_context. `rate` sets interference's short-chat rate."""
+          rate: float | None = None, options: dict[str, Any] | None = None) -> list[Request]:
+    """The named workload, every request fitted to max_context. `rate` sets interference's short-chat rate;
+    `options` are passed to the workload function (e.g. interference's long_period)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r} ({', '.join(WORKLOADS)})")
     if vocab <= LOW_ID:
         raise ValueError(f"vocab must be > {LOW_ID}, got {vocab}")
-    if name == "mixed":
-        reqs = mixed(n, vocab, seed)
-    elif name == "interference" and rate:
-        reqs = interference(n, vocab, seed, max_context, rate=rate)
-    else:
-        reqs = WORKLOADS[name](n, vocab, seed, max_context)  # type: ignore[operator]
+    kw = dict(options or {})
+    if name != "mixed":
+        kw["max_context"] = max_context
+    if name == "interference" and rate:
+        kw["rate"] = rate
+    reqs = WORKLOADS[name](n, vocab, seed, **kw)  # type: ignore[operator]
     return [fit(r, max_context) for r in reqs]
