@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from helpers import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,15 +29,9 @@ RECORD_KEYS = {"index", "tag", "prompt_tokens", "max_tokens", "start_s", "ok", "
                "e2e_s", "status", "error"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def brigade_url(tiny_models: dict[str, Path]) -> Iterator[str]:
-    up = Up(UpConfig(model=str(tiny_models["llama"]), port=_free_port(), mode="colocated", decode=1,
+    up = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="colocated", decode=1,
                      worker_args=("--num-blocks", "256", "--max-num-seqs", "16")))
     url = up.start(timeout=120)
     try:
@@ -116,7 +110,7 @@ def flaky_url() -> Iterator[str]:
         return JSONResponse({"object": "list", "data": [{"id": "flaky", "object": "model"}]})
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/v1/models", models)])
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -151,7 +145,7 @@ def test_failed_requests_are_counted(flaky_url: str, tmp_path: Path) -> None:
 
 def test_unreachable_server_fails_requests_not_the_run(tmp_path: Path) -> None:
     out = tmp_path / "none.json"
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
     assert main(["bench", "--url", url, "--model", "m", "--requests", "3", "--max-context", "512",
                  "--timeout", "5", "--out", str(out)]) == 1  # nothing succeeded
     res = json.loads(out.read_text())
@@ -165,7 +159,7 @@ def test_compare_url_hf_static_and_a_broken_system(flaky_url: str, tiny_models: 
     conf = {"workload": "sharegpt", "requests": 6, "concurrency": 3, "max_context": 128, "warmup": 0, "threads": 1,
             "systems": [{"name": "flaky", "url": flaky_url},
                         {"name": "hf", "hf_static": {"model": str(tiny_models["llama"]), "batch_size": 3}},
-                        {"name": "broken", "url": f"http://127.0.0.1:{_free_port()}"}]}
+                        {"name": "broken", "url": f"http://127.0.0.1:{free_port()}"}]}
     cfg, out = tmp_path / "compare.json", tmp_path / "compare-out.json"
     cfg.write_text(json.dumps(conf))
     assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, latest
 
 from brigade import protocol as P
 from brigade.bus import Bus
 from brigade.launcher import Up, UpConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=_free_port(), router="round_robin", decode=1,
+    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), router="round_robin", decode=1,
                     worker_args=("--num-blocks", "128")))
     u.start(timeout=120)
     try:
@@ -44,30 +38,15 @@ def _start_worker(up: Up, model: str, worker_id: str) -> subprocess.Popen[bytes]
     return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-async def _served(nats: str) -> dict[str, int]:
-    """Requests each live worker has finished, from one round of heartbeats."""
-    bus = await Bus.connect(nats, "test-served")
-    seen: dict[str, int] = {}
-
-    async def on_status(msg: object) -> None:
-        st = P.WorkerStatus.decode(msg.data)  # type: ignore[attr-defined]
-        seen[st.worker_id] = st.served
-
-    await bus.subscribe(P.HEARTBEAT, on_status)
-    await asyncio.sleep(1.2)
-    await bus.close()
-    return seen
-
-
 def _routed(up: Up, body: dict[str, object], n: int) -> dict[str, int]:
     """Send n requests (all must succeed); return how many each worker served meanwhile."""
     assert up.nats is not None
-    before = asyncio.run(_served(up.nats.url))
+    before = {w: st.served for w, st in latest(up.nats.url).items()}
     url = f"http://{up.cfg.host}:{up.cfg.port}"
     for _ in range(n):
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
-    after = asyncio.run(_served(up.nats.url))
+    after = {w: st.served for w, st in latest(up.nats.url).items()}
     return {w: c - before.get(w, 0) for w, c in after.items() if c - before.get(w, 0)}
 
 
@@ -112,7 +91,7 @@ def test_failed_kv_transfer_falls_back_to_local_prefill(tiny_models: dict[str, P
     from brigade.engine.sampling import SamplingParams
 
     model = str(tiny_models["llama"])
-    up = Up(UpConfig(model=model, port=_free_port(), decode=1, disagg_threshold=4,
+    up = Up(UpConfig(model=model, port=free_port(), decode=1, disagg_threshold=4,
                      worker_args=("--num-blocks", "128", "--kv-transport", "nats")))
     up.start(timeout=120)
     assert up.nats is not None

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, latest
 
-from brigade import protocol as P
-from brigade.bus import Bus
 from brigade.launcher import Up, UpConfig
 
 DOC_TOKENS = 192  # 12 full blocks of shared conversation history
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=_free_port(), decode=3, router="prefix",
+    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=3, router="prefix",
                     worker_args=("--num-blocks", "256")))
     u.start(timeout=120)
     try:
@@ -35,28 +26,14 @@ def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
         u.stop()
 
 
-async def _statuses(nats: str) -> dict[str, P.WorkerStatus]:
-    bus = await Bus.connect(nats, "test-prefix")
-    seen: dict[str, P.WorkerStatus] = {}
-
-    async def on_status(msg: object) -> None:
-        st = P.WorkerStatus.decode(msg.data)  # type: ignore[attr-defined]
-        seen[st.worker_id] = st
-
-    await bus.subscribe(P.HEARTBEAT, on_status)
-    await asyncio.sleep(1.2)
-    await bus.close()
-    return seen
-
-
 def _turn(up: Up, prompt: list[int]) -> tuple[str, dict[str, tuple[int, int]]]:
     """One request; returns the worker that served it and per-worker (prefix queries, hits) deltas."""
     assert up.nats is not None
-    before = asyncio.run(_statuses(up.nats.url))
+    before = latest(up.nats.url)
     body = {"model": "llama", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    after = asyncio.run(_statuses(up.nats.url))
+    after = latest(up.nats.url)
     served = [w for w, st in after.items() if st.served - (before[w].served if w in before else 0)]
     assert len(served) == 1, served
     deltas = {w: (st.prefix_queries - before[w].prefix_queries, st.prefix_hits - before[w].prefix_hits)

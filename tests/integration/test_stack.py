@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,9 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, heartbeats, latest
 
-from brigade import protocol as P
-from brigade.bus import Bus
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 from brigade.launcher import Up, UpConfig
@@ -32,16 +30,10 @@ class Stack:
     model: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module", params=["colocated", "disagg-shm", "disagg-nats"])
 def stack(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Iterator[Stack]:
     mode, _, transport = str(request.param).partition("-")
-    cfg = UpConfig(model=str(tiny_models["llama"]), port=_free_port(), mode=mode, prefill=1, decode=1,
+    cfg = UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode=mode, prefill=1, decode=1,
                    kv_transport=transport or "shm", disagg_threshold=4,
                    worker_args=("--num-blocks", "256", "--max-num-seqs", "64"))
     up = Up(cfg)
@@ -150,21 +142,6 @@ def test_openai_client(stack: Stack, reference: Engine) -> None:
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want_chat
 
 
-async def _kv_used(nats: str) -> dict[str, int]:
-    """Every worker's KV blocks in use, from their next heartbeats."""
-    bus = await Bus.connect(nats, "test-kv")
-    seen: dict[str, int] = {}
-
-    async def on_status(msg: object) -> None:
-        st = P.WorkerStatus.decode(msg.data)  # type: ignore[attr-defined]
-        seen[st.worker_id] = st.kv_used
-
-    await bus.subscribe(P.HEARTBEAT, on_status)
-    await asyncio.sleep(1.2)
-    await bus.close()
-    return seen
-
-
 async def _cancel_many(url: str, body: dict[str, object], n: int, concurrency: int) -> int:
     """Open n streams, read the first token of each, then hang up. Returns how many got a token."""
     got = 0
@@ -182,21 +159,8 @@ async def _cancel_many(url: str, body: dict[str, object], n: int, concurrency: i
     return got
 
 
-async def _statuses(nats: str, seconds: float) -> list[P.WorkerStatus]:
-    bus = await Bus.connect(nats, "test-status")
-    seen: list[P.WorkerStatus] = []
-
-    async def on_status(msg: object) -> None:
-        seen.append(P.WorkerStatus.decode(msg.data))  # type: ignore[attr-defined]
-
-    await bus.subscribe(P.HEARTBEAT, on_status)
-    await asyncio.sleep(seconds)
-    await bus.close()
-    return seen
-
-
 def test_disconnect_frees_kv(stack: Stack) -> None:
-    before = asyncio.run(_kv_used(stack.nats))
+    before = {w: st.kv_used for w, st in latest(stack.nats).items()}
     body = _body(stack, prompt=PROMPTS[0] * 3, max_tokens=400, stream=True)
     with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
@@ -205,7 +169,7 @@ def test_disconnect_frees_kv(stack: Stack) -> None:
     hung_up = time.time()
     # Heartbeats (every 0.5 s, stamped with the worker's clock) show every worker back at its starting
     # KV usage within a second of the hang-up.
-    statuses = asyncio.run(_statuses(stack.nats, 2.5))
+    statuses = asyncio.run(heartbeats(stack.nats, 2.5))
     for worker, used in before.items():
         freed = [st.time for st in statuses if st.worker_id == worker and st.kv_used == used]
         assert freed and min(freed) - hung_up <= 1.0, f"{worker}: blocks not freed within a second"
@@ -214,7 +178,7 @@ def test_disconnect_frees_kv(stack: Stack) -> None:
     got = asyncio.run(_cancel_many(stack.url, body, n, concurrency=32))
     assert got == n
     deadline = time.monotonic() + 15
-    while asyncio.run(_kv_used(stack.nats)) != before:
+    while {w: st.kv_used for w, st in latest(stack.nats).items()} != before:
         assert time.monotonic() < deadline, "KV usage did not return to where it started"
     r = httpx.post(f"{stack.url}/v1/completions", json=_body(stack, prompt="still serving?"), timeout=60)
     assert r.status_code == 200
