@@ -78,6 +78,25 @@ class WorkerConfig:
     heartbeat_s: float = 0.5
     lease_s: float = 10.0  # blocks allocated for an incoming transfer are freed after this
     hash_seed: int = 0
+    experts: int = 0  # MoE expert shards (`brigade experts`) to run the experts on; 0: experts run locally
+    experts_timeout: float = 5.0  # seconds a layer's expert dispatch may take before the step fails
+    metrics_port: int = 0  # Prometheus /metrics on this port (expert load with remote experts); 0: off
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    nats: str = DEFAULT_NATS
+    model: str = "demo"
+    shard: str = "0/1"  # I/N: this process holds shard I of N
+    placement: str = ""  # experts per shard, ';'-separated, e.g. "0-3,7;4-7" (7 on both); empty: contiguous
+    shard_id: str = ""  # dispatch subject name; empty: <model>-<I>of<N>
+    dtype: str = "float32"
+    device: str = "cpu"
+    kernel: str = "auto"  # torch | triton | auto (triton on a GPU)
+    threads: int = 0  # torch threads; 0: the cores in this process's affinity set
+    cpus: str = ""  # cores to pin to, e.g. "1"; empty: leave affinity alone
+    heartbeat_s: float = 0.5
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -29,6 +29,7 @@ class UpConfig:
     kv_transport: str = "shm"
     disagg_threshold: int = 64
     worker_args: tuple[str, ...] = field(default_factory=tuple)  # extra flags for every worker
+    experts: int = 0  # MoE expert shards (`brigade experts`); 0: experts run inside the workers
 
 
 def split_cores(cores: list[int], processes: int) -> list[list[int]]:
@@ -54,32 +55,47 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         roles = ["prefill"] * cfg.prefill + roles
     elif cfg.mode != "colocated":
         raise ValueError(f"unknown mode {cfg.mode!r} (colocated, disagg)")
-    shares = split_cores(sorted(os.sched_getaffinity(0)), len(roles))
+    shares = split_cores(sorted(os.sched_getaffinity(0)), len(roles) + cfg.experts)
+    expert_flags = ["--experts", str(cfg.experts)] if cfg.experts else []
     out = [("router", py + ["router", "--nats", nats_url, "--policy", cfg.router,
                              "--disagg-threshold", str(cfg.disagg_threshold)], {})]
-    for i, (role, cores) in enumerate(zip(roles, shares, strict=True)):
+    for i, (role, cores) in enumerate(zip(roles, shares[:len(roles)], strict=True)):
         env = {"OMP_NUM_THREADS": str(len(cores))}
         argv = py + [role, "--nats", nats_url, "--model", model, "--worker-id", f"{role}-{i}",
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--kv-transport", cfg.kv_transport,
-                     *cfg.worker_args]
+                     *expert_flags, *cfg.worker_args]
         out.append((f"{role}-{i}", argv, env))
+    for i, cores in enumerate(shares[len(roles):]):
+        argv = py + ["experts", "--nats", nats_url, "--model", model, "--shard", f"{i}/{cfg.experts}",
+                     "--cpus", _cpus(cores), "--threads", str(len(cores))]
+        out.append((f"experts-{i}", argv, {"OMP_NUM_THREADS": str(len(cores))}))
     out.append(("gateway", py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host,
                                  "--port", str(cfg.port)], {}))
     return out
 
 
-async def _wait_workers(nats_url: str, expected: int, timeout: float) -> None:
-    """Return once `expected` distinct workers have published a status."""
+async def _wait_workers(nats_url: str, expected: int, timeout: float, shards: int = 0) -> None:
+    """Return once `expected` distinct workers and `shards` expert shards have published a status."""
     bus = await Bus.connect(nats_url, "up")
     seen: set[str] = set()
+    seen_shards: set[str] = set()
     done = asyncio.Event()
+
+    def check() -> None:
+        if len(seen) >= expected and len(seen_shards) >= shards:
+            done.set()
 
     async def on_status(msg: object) -> None:
         seen.add(P.WorkerStatus.decode(msg.data).worker_id)  # type: ignore[attr-defined]
-        if len(seen) >= expected:
-            done.set()
+        check()
+
+    async def on_shard(msg: object) -> None:
+        seen_shards.add(P.ExpertsStatus.decode(msg.data).shard_id)  # type: ignore[attr-defined]
+        check()
 
     await bus.subscribe(P.HEARTBEAT, on_status)
+    if shards:
+        await bus.subscribe(P.EXPERTS_HEARTBEAT, on_shard)
     try:
         await asyncio.wait_for(done.wait(), timeout)
     finally:
@@ -120,9 +136,9 @@ class Up:
         for name, argv, env in cmds:
             self.argv[name] = (argv, env)
             self.procs.append((name, self._spawn(name)))
-        workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway"))
+        workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway") and not name.startswith("experts"))
         try:
-            asyncio.run(_wait_workers(url, workers, timeout))
+            asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts))
             base = f"http://{self.cfg.host}:{self.cfg.port}"
             _wait_http(base + "/health", timeout)
         except BaseException:

@@ -35,9 +35,15 @@ class AsyncEngine:
         self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handling_error = False  # on_step_error runs: the engine thread is idle
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args) on the engine thread between steps; its exception propagates here."""
+        if self._handling_error:
+            # The step loop is waiting for on_step_error (which typically aborts requests): no step runs
+            # and the engine thread is idle, so run here (after anything queued) rather than wait on that loop.
+            self._apply_calls()
+            return fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -63,7 +69,11 @@ class AsyncEngine:
                 except Exception as e:  # a failed step must not kill the worker silently
                     log.exception("engine step failed")
                     if self.on_step_error is not None:
-                        await self.on_step_error(e)
+                        self._handling_error = True
+                        try:
+                            await self.on_step_error(e)
+                        finally:
+                            self._handling_error = False
                     continue
                 if outputs:
                     await self.on_outputs(outputs)
@@ -79,6 +89,15 @@ class AsyncEngine:
 
     def _tick(self) -> list[RequestOutput]:
         """Engine thread: apply pending calls, expire leases, then one step."""
+        self._apply_calls()
+        if self.engine.reserved:
+            self.engine.expire_reservations()
+        if not self.engine.has_unfinished():
+            return []
+        return self.engine.step()
+
+    def _apply_calls(self) -> None:
+        """Run the queued calls in order, handing each result or exception to its caller."""
         assert self._loop is not None
         while True:
             with self._lock:
@@ -91,11 +110,6 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_set, fut, None, e)
             else:
                 self._loop.call_soon_threadsafe(_set, fut, result, None)
-        if self.engine.reserved:
-            self.engine.expire_reservations()
-        if not self.engine.has_unfinished():
-            return []
-        return self.engine.step()
 
 
 def _set(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -20,6 +20,7 @@ from brigade.engine.sampling import SamplingParams
 from brigade.engine.scheduler import Scheduler
 from brigade.engine.sequence import Sequence as Seq
 from brigade.kernels.attention import make_attention
+from brigade.kernels.moe import MoEExecutor
 from brigade.kv.manager import KvManager
 from brigade.kv.pool import BlockPool, KvEvent
 from brigade.model.llama import Model, load_model
@@ -101,13 +102,14 @@ class Engine:
 
     def __init__(self, config: EngineConfig, model: Model | None = None, tokenizer: Tokenizer | None = None,
                  on_kv_event: Callable[[KvEvent], None] | None = None,
-                 allocate_cache: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+                 allocate_cache: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 experts: MoEExecutor | None = None) -> None:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
         attention = make_attention(config.attention, config.block_size, config.device)
         self.model = model or load_model(config.model, DTYPES[config.dtype], attention=attention,
-                                         device=config.device)
+                                         device=config.device, experts=experts)
         self.tokenizer = tokenizer or Tokenizer(config.model)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)

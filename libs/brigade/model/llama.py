@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from brigade.kernels.attention import Attention, AttnMeta, TorchAttention
-from brigade.kernels.moe import LocalExperts, MoEExecutor
+from brigade.kernels.moe import MoEExecutor, default_experts
 from brigade.model.config import ModelConfig, ModelError, load_config, rope_inv_freq
+from brigade.model.experts import is_expert_tensor
 from brigade.model.loader import load_tensors, require
 
 
@@ -63,6 +64,16 @@ def _expert_weights(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int,
     return t.pop(names[0]), t.pop(names[1]), t.pop(names[2])
 
 
+def _router_weight(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> torch.Tensor:
+    """Just the router [E, h] (experts run elsewhere), from either checkpoint layout."""
+    p = f"model.layers.{i}."
+    names = [f"{p}block_sparse_moe.gate.weight", f"{p}mlp.gate.weight"]
+    found = [n for n in names if n in t]
+    if not found:
+        raise ModelError(f"{cfg.name}: checkpoint is missing tensors: {names[0]} (or {names[1]})")
+    return t.pop(found[0])
+
+
 class Model:
     """Weights plus `forward`; built by `load_model`."""
 
@@ -84,7 +95,9 @@ class Model:
                 require(t, bnames, cfg.name)
                 bias = torch.cat([t.pop(n) for n in bnames])
             gate_up = down = router = None
-            if cfg.is_moe:
+            if cfg.is_moe and experts is not None:  # remote or custom executor: the router only
+                router = _router_weight(t, cfg, i)
+            elif cfg.is_moe:
                 router, gu, dn = _expert_weights(t, cfg, i)
                 expert_w.append((gu, dn))
             else:
@@ -112,7 +125,7 @@ class Model:
                              f"({cfg.vocab_size}, {cfg.hidden_size})")
         self.experts: MoEExecutor | None = None
         if cfg.is_moe:
-            self.experts = experts or LocalExperts(expert_w)
+            self.experts = experts or default_experts(expert_w)
         self.inv_freq = rope_inv_freq(cfg)
         self.scale = cfg.head_dim ** -0.5
 
@@ -159,7 +172,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> Model:
     """Load a Hugging Face checkpoint directory into a `Model`."""
     cfg = load_config(model_dir)
-    tensors = load_tensors(model_dir, dtype=dtype)
+    # With an executor given, the experts' weights live elsewhere (shards): do not even read them.
+    keep = (lambda name: not is_expert_tensor(name)) if experts is not None else (lambda name: True)
+    tensors = load_tensors(model_dir, keep=keep, dtype=dtype)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return Model(cfg, tensors, experts=experts, attention=attention)

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from prometheus_client import start_http_server
 
 from brigade import protocol as P
 from brigade.bus import Bus, BusError
@@ -27,6 +28,8 @@ from brigade.config import WorkerConfig, parse_cpus
 from brigade.engine.async_engine import AsyncEngine
 from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
 from brigade.engine.sampling import SamplingParams
+from brigade.experts.remote import RemoteExperts
+from brigade.kernels.moe import MoEExecutor
 from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
 from brigade.model.make import resolve_model
@@ -332,8 +335,8 @@ def pin(config: WorkerConfig) -> int:
     return config.threads or len(os.sched_getaffinity(0))
 
 
-def build_engine(config: WorkerConfig, threads: int) -> tuple[Engine, Any]:
-    """The engine, with its KV cache in shared memory when prefill workers write into it."""
+def build_engine(config: WorkerConfig, threads: int, experts: MoEExecutor | None = None) -> tuple[Engine, Any]:
+    """The engine, with its KV cache in shared memory when prefill workers write into it; `experts`: remote MoE."""
     shm = None
     allocate = None
     if config.role in ("decode", "colocated") and config.kv_transport == "shm":
@@ -347,15 +350,20 @@ def build_engine(config: WorkerConfig, threads: int) -> tuple[Engine, Any]:
         max_num_batched_tokens=config.max_num_batched_tokens, chunked_prefill=config.chunked_prefill,
         prefix_caching=config.prefix_caching, max_model_len=config.max_model_len or None,
         attention=config.attention, device=config.device, threads=threads, hash_seed=config.hash_seed)
-    return Engine(ec, allocate_cache=allocate), shm
+    return Engine(ec, allocate_cache=allocate, experts=experts), shm
 
 
 async def serve(config: WorkerConfig) -> None:
     """Run one worker until SIGINT/SIGTERM."""
     threads = pin(config)
     torch.set_num_threads(threads)
-    engine, shm = await asyncio.to_thread(build_engine, config, threads)
     bus = await Bus.connect(config.nats, f"worker-{config.worker_id}")
+    experts = None
+    if config.experts:  # MoE experts on `brigade experts` shards, found through their heartbeats
+        experts = await RemoteExperts.create(bus, str(resolve_model(config.model)), config.experts_timeout)
+        if config.metrics_port:
+            start_http_server(config.metrics_port, registry=experts.registry)
+    engine, shm = await asyncio.to_thread(build_engine, config, threads, experts)
     worker = Worker(config, bus, engine)
     if shm is not None:
         worker.shm_name = shm.name
@@ -369,6 +377,8 @@ async def serve(config: WorkerConfig) -> None:
         await stop.wait()
     finally:
         await worker.stop()
+        if experts is not None:
+            await experts.stop()
         await bus.close()
         if shm is not None:
             shm.close()  # the owner's close also unlinks the segment
