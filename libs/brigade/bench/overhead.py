@@ -69,11 +69,12 @@ def _service(model: str, n: int, prompt_tokens: int) -> list[float]:
                         "ignore_eos": True, "stream": True}
                 t0 = time.perf_counter()
                 with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    for line in r.iter_lines():
+                    lines = r.iter_lines()
+                    for line in lines:
                         if line.startswith("data: "):
                             ttft = (time.perf_counter() - t0) * 1e3
                             break
-                    for _ in r.iter_lines():
+                    for _ in lines:  # drain the rest of the stream
                         pass
                 if i >= 0:
                     out.append(ttft)
