@@ -152,18 +152,22 @@ class Engine:
     def _new_seq(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
                  output_ids: Sequence[int]) -> Seq:
         params = params or SamplingParams()
+        if request_id in self.seqs or request_id in self.held:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.validate(ids, params, output_ids)
+        return Seq(request_id, ids + [int(t) for t in output_ids], len(ids), params)
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, output_ids: Sequence[int] = ()) -> None:
+        """Raise InvalidRequest unless this request can be served. Reads only fixed settings, so a
+        service may call it from its event loop while a step runs."""
         try:
             params.validate()
         except ValueError as e:
             raise InvalidRequest(str(e), getattr(e, "param", None)) from e
-        if request_id in self.seqs or request_id in self.held:
-            raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        self.check_prompt(ids, params)
-        out = [int(t) for t in output_ids]
-        if len(out) >= params.max_tokens:
+        self.check_prompt(prompt_ids, params)
+        if len(output_ids) >= params.max_tokens:
             raise InvalidRequest("the request already generated max_tokens tokens", "max_tokens")
-        return Seq(request_id, ids + out, len(ids), params)
 
     def _register(self, seq: Seq, pending: int = 0) -> None:
         self.seqs[seq.request_id] = seq

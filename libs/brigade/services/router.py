@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from nats.errors import NoRespondersError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from brigade import protocol as P
@@ -167,8 +168,9 @@ class Router:
             except BusError as e:
                 log.warning("worker %s did not take %s: %s", d.worker, req.request_id, e)
                 failed.add(d.worker)
-                self.fleet.remove(d.worker)
-                self.index.purge(d.worker)
+                if isinstance(e.__cause__, NoRespondersError):  # gone, not just slow: stop routing there now
+                    self.fleet.remove(d.worker)
+                    self.index.purge(d.worker)
                 continue
             await self.bus.respond(msg, reply)
             return

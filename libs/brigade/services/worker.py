@@ -107,14 +107,25 @@ class Worker:
             return
         try:
             params = SamplingParams.from_dict(req.params)
-            prefill_only = self.config.role == "prefill" and bool(req.decode_worker)
-            await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
-                                    req.output_ids, prefill_only)
+            self.engine.validate(req.prompt_ids, params, req.output_ids)
         except (InvalidRequest, ValueError) as e:
             await self.bus.respond(msg, P.Accepted(req.request_id, error=str(e), code=400))
             return
+        # Accept now and queue the add: a step in progress (a long prefill takes seconds) must not hold up
+        # the answer, or the router times out on a healthy worker.
         self.active[req.request_id] = req
         await self.bus.respond(msg, P.Accepted(req.request_id, worker_id=self.id))
+        prefill_only = self.config.role == "prefill" and bool(req.decode_worker)
+        self._spawn(self._add(req, params, prefill_only))
+
+    async def _add(self, req: P.GenerateRequest, params: SamplingParams, prefill_only: bool) -> None:
+        try:
+            await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
+                                    req.output_ids, prefill_only)
+        except (InvalidRequest, ValueError) as e:
+            if self.active.pop(req.request_id, None) is not None:
+                await self.bus.publish(req.reply_to, P.TokenChunk(req.request_id, [], "", "error", error=str(e),
+                                                                  worker_id=self.id))
 
     async def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
