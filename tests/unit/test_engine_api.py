@@ -151,3 +151,16 @@ def test_cli_reports_bad_input(tiny_models: dict[str, Path]) -> None:
            "hi", "--max-tokens", "100000", "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "exceeds this model's context" in res.stderr
+
+
+def test_sibling_waits_for_in_flight_prefix_instead_of_recomputing(tiny_models: dict[str, Path]) -> None:
+    """Two requests with the same long prefix arriving together: the second reuses the first's blocks."""
+    eng = Engine(EngineConfig(model=str(tiny_models["llama"]), num_blocks=128, max_num_batched_tokens=32))
+    doc = list(range(20, 20 + 160))  # 10 full blocks
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = eng.generate([doc + [5, 6, 7], doc + [8, 9]], greedy)
+    assert outs[0].num_cached_tokens == 0
+    assert outs[1].num_cached_tokens == 160  # waited for the sibling's prefill, then hit every block
+    alone = Engine(EngineConfig(model=str(tiny_models["llama"]), num_blocks=128)).generate([doc + [8, 9]], greedy)
+    assert outs[1].token_ids == alone[0].token_ids
+    assert not eng.kv.inflight and eng.pool.num_used == 0

@@ -78,9 +78,13 @@ class Scheduler:
 
     def _admit(self, batch: Batch, budget: int) -> None:
         pool = self.kv.pool
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
             hits = self.kv.match_prefix(seq)
+            if self.kv.waits_for(seq, len(hits)):
+                i += 1  # its next prefix block is being computed by a sibling: admit it once cached
+                continue
             cached = len(hits) * self.kv.block_size
             n = seq.num_tokens - cached
             if n > budget:
@@ -89,7 +93,8 @@ class Scheduler:
                 n = budget
             if not self.kv.allocate(seq, n, hits):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
+            self.kv.claim(seq, len(hits))
             pool.stats.prefix_queries += seq.num_tokens
             pool.stats.prefix_hits += cached
             if seq.num_cached is None:

@@ -21,6 +21,9 @@ class KvManager:
         self.prefix_caching = prefix_caching
         self.extra = extra
         self.hash_seed = hash_seed
+        # Full prompt blocks that an admitted sequence will compute but has not yet: a sibling with the same
+        # prefix waits for them instead of computing them a second time.
+        self.inflight: dict[int, Sequence] = {}
 
     def _hash_upto(self, seq: Sequence, num_blocks: int) -> None:
         """Extend seq.hashes to cover its first `num_blocks` full blocks."""
@@ -42,6 +45,24 @@ class KvManager:
                 break
             hits.append(block)
         return hits
+
+    def waits_for(self, seq: Sequence, hits: int) -> bool:
+        """True when the block after seq's cached prefix is being computed by another sequence."""
+        if not self.prefix_caching or hits >= len(seq.hashes):
+            return False
+        owner = self.inflight.get(seq.hashes[hits])
+        return owner is not None and owner is not seq
+
+    def claim(self, seq: Sequence, hits: int) -> None:
+        """Mark seq's uncached full prompt blocks as in flight (it is admitted and will compute them)."""
+        if self.prefix_caching:
+            for h in seq.hashes[hits:]:
+                self.inflight.setdefault(h, seq)
+
+    def _unclaim(self, seq: Sequence, hashes: list[int]) -> None:
+        for h in hashes:
+            if self.inflight.get(h) is seq:
+                del self.inflight[h]
 
     def blocks_needed(self, seq: Sequence, num_new: int, hits: int = 0) -> int:
         total = -(-(seq.num_computed + hits * self.block_size + num_new) // self.block_size)
@@ -72,6 +93,8 @@ class KvManager:
         self._hash_upto(seq, full)
         for i in range(seq.num_committed, full):
             self.pool.commit(seq.block_ids[i], seq.hashes[i], seq.hashes[i - 1] if i else None)
+        if self.inflight:
+            self._unclaim(seq, seq.hashes[seq.num_committed:full])
         seq.num_committed = full
 
     def free(self, seq: Sequence) -> None:
@@ -80,3 +103,5 @@ class KvManager:
             self.pool.release(b)
         seq.block_ids.clear()
         seq.num_committed = 0
+        if self.inflight:
+            self._unclaim(seq, seq.hashes)
