@@ -67,6 +67,7 @@ class WorkerConfig:
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
+    long_prefill_tokens: int = 512  # most prompt tokens one request computes per step (0: no cap)
     chunked_prefill: bool = True
     prefix_caching: bool = True
     max_model_len: int = 0

@@ -47,6 +47,7 @@ class EngineConfig:
     kv_cache_bytes: int = 512 << 20
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
+    long_prefill_tokens: int = 512  # most prompt tokens one request computes per step (0: no cap)
     chunked_prefill: bool = True
     prefix_caching: bool = True
     max_model_len: int | None = None
@@ -119,7 +120,8 @@ class Engine:
         budget = config.max_num_batched_tokens
         if not config.chunked_prefill:
             budget = max(budget, self.max_model_len)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.chunked_prefill)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.chunked_prefill,
+                                   config.long_prefill_tokens)
         self.runner = Runner(self.model, num_blocks, config.block_size, config.device, allocate_cache)
         eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.eos_token_ids = frozenset(eos)

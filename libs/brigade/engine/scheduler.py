@@ -32,11 +32,14 @@ class Scheduler:
     """FCFS scheduler with chunked prefill and preemption by recompute."""
 
     def __init__(self, kv: KvManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunked_prefill: bool = True) -> None:
+                 chunked_prefill: bool = True, long_prefill_tokens: int = 0) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
+        # One long prompt may take at most this much of a step (0: the whole budget), so short requests that
+        # arrive behind it (e.g. a follow-up whose prefix is cached) still get admitted in the same step.
+        self.long_prefill_tokens = long_prefill_tokens if chunked_prefill else 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -53,7 +56,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq.num_tokens - seq.num_computed, budget)
             while not self.kv.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -87,10 +90,9 @@ class Scheduler:
                 continue
             cached = len(hits) * self.kv.block_size
             n = seq.num_tokens - cached
-            if n > budget:
-                if not self.chunked_prefill:
-                    break
-                n = budget
+            if n > budget and not self.chunked_prefill:
+                break
+            n = self._chunk(n, budget)
             if not self.kv.allocate(seq, n, hits):
                 break
             del self.waiting[i]
@@ -105,6 +107,12 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             budget -= n
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        n = min(remaining, budget)
+        if self.long_prefill_tokens and n > 1:
+            n = min(n, self.long_prefill_tokens)
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

@@ -358,7 +358,8 @@ def build_engine(config: WorkerConfig, threads: int, experts: MoEExecutor | None
     ec = EngineConfig(
         model=str(resolve_model(config.model)), block_size=config.block_size, num_blocks=config.num_blocks or None,
         kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens, chunked_prefill=config.chunked_prefill,
+        max_num_batched_tokens=config.max_num_batched_tokens, long_prefill_tokens=config.long_prefill_tokens,
+        chunked_prefill=config.chunked_prefill,
         prefix_caching=config.prefix_caching, max_model_len=config.max_model_len or None,
         attention=config.attention, device=config.device, threads=threads, hash_seed=config.hash_seed)
     return Engine(ec, allocate_cache=allocate, experts=experts), shm
