@@ -120,5 +120,20 @@ class Bus:
                 await self.nc.close()
 
 
+async def publish_status(bus: Bus, subject: str, status: Message) -> None:
+    """Publish a status message; failures are logged, not raised (the bus reconnects, the next beat goes out)."""
+    try:
+        await bus.publish(subject, status)
+    except Exception as e:  # any transport error: a heartbeat must never kill its service
+        log.warning("%s: status on %s failed: %s", bus.name, subject, e)
+
+
+async def heartbeat(bus: Bus, subject: str, status: Callable[[], Message], period: float) -> None:
+    """Publish status() on subject every `period` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(period)
+        await publish_status(bus, subject, status())
+
+
 def headers_of(msg: Msg) -> dict[str, Any]:
     return dict(msg.headers or {})

@@ -21,7 +21,7 @@ import torch
 from prometheus_client import start_http_server
 
 from brigade import protocol as P
-from brigade.bus import Bus
+from brigade.bus import Bus, heartbeat, publish_status
 from brigade.config import ExpertsConfig, parse_cpus
 from brigade.experts.dispatch import DTYPES
 from brigade.experts.placement import parse_placement, parse_shard
@@ -50,7 +50,8 @@ class ExpertsService:
         # A queue group: a second process started for the same shard (a replacement) shares the work.
         await self.bus.subscribe(P.experts_dispatch(self.shard.shard_id), self._on_dispatch, queue="experts")
         await self.bus.flush()
-        self.tasks.append(asyncio.ensure_future(self._heartbeat()))
+        beat = heartbeat(self.bus, P.EXPERTS_HEARTBEAT, self.status, self.config.heartbeat_s)
+        self.tasks.append(asyncio.ensure_future(beat))
         await self._publish_status()
         log.info("experts shard %s ready: experts %s of %d layers", self.shard.shard_id, self.shard.held[0],
                  len(self.shard.held))
@@ -77,15 +78,7 @@ class ExpertsService:
                        metrics_port=self.metrics_port, stopping=self.stopping, time=time.time())
 
     async def _publish_status(self) -> None:
-        try:
-            await self.bus.publish(P.EXPERTS_HEARTBEAT, self.status())
-        except Exception as e:  # the bus reconnects by itself; the next beat will go through
-            log.warning("heartbeat failed: %s", e)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            await self._publish_status()
+        await publish_status(self.bus, P.EXPERTS_HEARTBEAT, self.status())
 
 
 def load_shard(config: ExpertsConfig) -> ExpertShard:

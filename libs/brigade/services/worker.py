@@ -23,7 +23,7 @@ import torch
 from prometheus_client import start_http_server
 
 from brigade import protocol as P
-from brigade.bus import Bus, BusError
+from brigade.bus import Bus, BusError, heartbeat, publish_status
 from brigade.config import WorkerConfig, parse_cpus
 from brigade.engine.async_engine import AsyncEngine
 from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
@@ -80,7 +80,7 @@ class Worker:
         if self.config.role == "prefill":
             self.sender = transfer.make_sender(self.config.kv_transport, b)
         self._spawn(self.aengine.run())
-        self._spawn(self._heartbeat())
+        self._spawn(heartbeat(self.bus, P.HEARTBEAT, self.status, self.config.heartbeat_s))
         self._spawn(self._kv_event_loop())
         await b.flush()
         await self._publish_status()  # routers learn about us at once, not after a period
@@ -322,15 +322,7 @@ class Worker:
             stopping=self.stopping)
 
     async def _publish_status(self) -> None:
-        try:
-            await self.bus.publish(P.HEARTBEAT, self.status())
-        except Exception as e:  # the bus reconnects by itself; the next beat will go through
-            log.warning("heartbeat failed: %s", e)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            await self._publish_status()
+        await publish_status(self.bus, P.HEARTBEAT, self.status())
 
 
 def _logprobs(out: RequestOutput) -> list[Any] | None:
