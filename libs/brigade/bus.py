@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -133,7 +132,3 @@ async def heartbeat(bus: Bus, subject: str, status: Callable[[], Message], perio
     while True:
         await asyncio.sleep(period)
         await publish_status(bus, subject, status())
-
-
-def headers_of(msg: Msg) -> dict[str, Any]:
-    return dict(msg.headers or {})

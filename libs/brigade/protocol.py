@@ -52,10 +52,6 @@ def experts_dispatch(shard_id: str) -> str:
     return f"brigade.experts.{shard_id}.dispatch"
 
 
-def new_inbox_prefix() -> str:
-    return "_INBOX.brigade"
-
-
 class ProtocolError(ValueError):
     """A message we cannot decode or whose version we do not speak."""
 
@@ -85,12 +81,6 @@ class Message:
             raise ProtocolError(f"expected {cls.KIND!r}, got {raw.get('k')!r}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def kind_of(data: bytes) -> str:
-    """The `k` field of an encoded message (to dispatch on one subject carrying several kinds)."""
-    raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return str(raw.get("k", "")) if isinstance(raw, dict) else ""
 
 
 @dataclass

@@ -6,11 +6,9 @@ loop never blocks on a model step.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -392,13 +390,3 @@ def _find_stop(text: str, delta_len: int, stops: Sequence[str]) -> tuple[int, st
         if i != -1 and (best is None or i < best[0]):
             best = (i, stop)
     return best
-
-
-def default_threads() -> int:
-    """Cores this process may run on (its affinity set), for torch's thread count."""
-    return len(os.sched_getaffinity(0))
-
-
-def make_engine(model: str | Path, **overrides: object) -> Engine:
-    """Convenience: an Engine for a model directory with config overrides."""
-    return Engine(replace(EngineConfig(model=str(model)), **overrides))  # type: ignore[arg-type]
