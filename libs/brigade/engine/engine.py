@@ -129,6 +129,8 @@ class Engine:
         self.held: dict[str, Seq] = {}  # prefilled, finished "handoff", blocks kept until release()
         self.reserved: dict[str, tuple[list[int], float]] = {}  # incoming transfers: blocks, deadline
         self.num_steps = 0
+        self.prompt_tokens = 0  # prompts of requests that produced their first token here
+        self.generation_tokens = 0
 
     def _block_bytes(self) -> int:
         cfg = self.model.cfg
@@ -289,8 +291,10 @@ class Engine:
     def _append(self, seq: Seq, smp: Sampled, now: float) -> RequestOutput:
         token = smp.token_id
         seq.token_ids.append(token)
+        self.generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
+            self.prompt_tokens += seq.num_prompt
         p = seq.params
         state = self.texts[seq.request_id]
         delta = state.detok.add(token)
@@ -367,6 +371,8 @@ class Engine:
             "prefix_cache_hits": s.prefix_hits,
             "num_preemptions": s.preemptions,
             "num_steps": self.num_steps,
+            "prompt_tokens": self.prompt_tokens,
+            "generation_tokens": self.generation_tokens,
         }
 
 

@@ -33,6 +33,7 @@ from brigade.kernels.moe import MoEExecutor
 from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
 from brigade.model.make import resolve_model
+from brigade.telemetry import engine_registry
 
 log = logging.getLogger("brigade.worker")
 CANCEL_MEMORY_S = 60.0  # a cancelled id is refused this long, so a late handoff cannot revive it
@@ -365,9 +366,11 @@ async def serve(config: WorkerConfig) -> None:
     experts = None
     if config.experts:  # MoE experts on `brigade experts` shards, found through their heartbeats
         experts = await RemoteExperts.create(bus, str(resolve_model(config.model)), config.experts_timeout)
-        if config.metrics_port:
-            start_http_server(config.metrics_port, registry=experts.registry)
     engine, shm = await asyncio.to_thread(build_engine, config, threads, experts)
+    if config.metrics_port:
+        registry = engine_registry(engine, engine.model.cfg.name, config.worker_id,
+                                   experts.registry if experts is not None else None)
+        start_http_server(config.metrics_port, registry=registry)
     worker = Worker(config, bus, engine)
     if shm is not None:
         worker.shm_name = shm.name
