@@ -14,6 +14,7 @@ from brigade import protocol as P
 from brigade.bus import Bus
 from brigade.model.make import resolve_model
 from brigade.nats_server import NatsServer
+from brigade.procs import terminate
 
 
 @dataclass(frozen=True)
@@ -166,16 +167,7 @@ class Up:
         return [name for name, p in self.procs if p.poll() is not None]
 
     def stop(self, grace: float = 10.0) -> None:
-        for _, p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate((p for _, p in self.procs), grace)
         self.procs.clear()
         if self.nats is not None:
             self.nats.stop()

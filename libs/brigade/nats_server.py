@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from brigade.procs import terminate
+
 
 def binary() -> Path:
     """The nats-server executable: $BRIGADE_NATS_SERVER, the venv's scripts dir, or PATH."""
@@ -59,13 +61,8 @@ class NatsServer:
         raise TimeoutError("nats-server did not start")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate([self.proc], grace=5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> NatsServer:

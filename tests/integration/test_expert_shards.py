@@ -30,6 +30,7 @@ from brigade.engine.sampling import SamplingParams
 from brigade.experts.dispatch import ENVELOPE
 from brigade.experts.remote import RemoteExperts
 from brigade.experts.shard import TOKENS_METRIC
+from brigade.procs import terminate
 from brigade.services.experts import ExpertsService, load_shard
 from brigade.services.worker import Worker
 
@@ -222,10 +223,5 @@ async def test_failed_shard_fails_requests_then_recovers(nats_url: str, tiny_mod
     finally:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+                p.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        terminate(procs)

@@ -34,6 +34,7 @@ from brigade.engine.sampling import SamplingParams
 from brigade.experts.remote import RemoteExperts
 from brigade.model.config import load_config
 from brigade.nats_server import NatsServer
+from brigade.procs import terminate
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog.", "Once upon a time, in a land"]
 # NATS framing per request/reply pair on top of the payloads (PUB/MSG lines with subject, inbox, sid, size).
@@ -91,13 +92,7 @@ def spawn_shards(url: str, model: Path, n: int, cores: list[list[int]] | None = 
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    terminate(procs)
 
 
 def connect_remote(lt: LoopThread, url: str, model: Path, timeout: float = 30.0) -> tuple[Bus, RemoteExperts]:

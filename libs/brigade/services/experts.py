@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from brigade.experts.placement import parse_placement, parse_shard
 from brigade.experts.shard import ExpertShard
 from brigade.model.config import load_config
 from brigade.model.make import resolve_model
+from brigade.procs import stop_on_signals
 
 log = logging.getLogger("brigade.experts")
 
@@ -106,10 +106,7 @@ async def serve(config: ExpertsConfig) -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=shard.registry)
         service.metrics_port = config.metrics_port
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await service.start()
     try:
         await stop.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from dataclasses import replace
 from typing import Any
@@ -16,6 +15,7 @@ from brigade import protocol as P
 from brigade.bus import Bus, BusError
 from brigade.config import RouterConfig
 from brigade.kv.hashing import hash_blocks
+from brigade.procs import stop_on_signals
 from brigade.routing.fleet import Fleet
 from brigade.routing.index import PrefixIndex
 from brigade.routing.policy import Policy, PrefixCost, decide
@@ -182,10 +182,7 @@ async def serve(config: RouterConfig) -> None:
     router = Router(config, bus)
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=router.metrics.registry)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await router.start()
     log.info("router ready (policy %s)", config.policy)
     try:

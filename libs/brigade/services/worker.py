@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -33,6 +32,7 @@ from brigade.kernels.moe import MoEExecutor
 from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
 from brigade.model.make import resolve_model
+from brigade.procs import stop_on_signals
 from brigade.telemetry import engine_registry
 
 log = logging.getLogger("brigade.worker")
@@ -374,10 +374,7 @@ async def serve(config: WorkerConfig) -> None:
     worker = Worker(config, bus, engine)
     if shm is not None:
         worker.shm_name = shm.name
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     await worker.start()
     await worker.aengine.call(torch.set_num_threads, threads)  # the engine thread's own OpenMP setting
     try:
