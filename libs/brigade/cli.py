@@ -106,8 +106,6 @@ def _up_config(flags: Any) -> Any:
     import shlex
     import socket
 
-    from brigade.launcher import UpConfig
-
     argv = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
     try:
         a = parser().parse_args(["up", *argv])
@@ -118,10 +116,18 @@ def _up_config(flags: Any) -> Any:
         with socket.socket() as s:  # a second system must not collide with anything already on 8000
             s.bind((a.host, 0))
             port = int(s.getsockname()[1])
-    # Mirrors _up.
-    return UpConfig(model=a.model, host=a.host, port=port, mode=a.mode, prefill=a.prefill, decode=a.decode,
+    a.port = port
+    return _up_args(a)
+
+
+def _up_args(a: argparse.Namespace) -> Any:
+    """The UpConfig of parsed `brigade up` flags."""
+    from brigade.launcher import UpConfig
+
+    return UpConfig(model=a.model, host=a.host, port=a.port, mode=a.mode, prefill=a.prefill, decode=a.decode,
                     router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
-                    disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts)
+                    disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts,
+                    otlp=a.otlp or "", metrics_port=a.metrics_port)
 
 
 def _bench_compare(args: argparse.Namespace) -> int:
@@ -258,12 +264,9 @@ def _service(name: str) -> Any:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from brigade.launcher import UpConfig, run
+    from brigade.launcher import run
 
-    return run(UpConfig(model=args.model, host=args.host, port=args.port, mode=args.mode, prefill=args.prefill,
-                        decode=args.decode, router=args.router, nats=args.nats or "", kv_transport=args.kv_transport,
-                        disagg_threshold=args.disagg_threshold, worker_args=tuple(args.worker_arg),
-                        experts=args.experts))
+    return run(_up_args(args))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -319,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "cuda-ipc"])
     u.add_argument("--disagg-threshold", type=int, default=64, help="shorter prompts prefill on the decode worker")
     u.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
+    u.add_argument("--metrics-port", type=int, default=0,
+                   help="router /metrics on this port, workers on the next ones (0: off; the gateway has its own)")
+    u.add_argument("--otlp", help="send traces of every service to this OTLP/HTTP endpoint (e.g. http://HOST:4318)")
     u.set_defaults(fn=_up)
 
     from brigade.bench.workloads import WORKLOADS

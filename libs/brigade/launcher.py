@@ -31,6 +31,8 @@ class UpConfig:
     disagg_threshold: int = 64
     worker_args: tuple[str, ...] = field(default_factory=tuple)  # extra flags for every worker
     experts: int = 0  # MoE expert shards (`brigade experts`); 0: experts run inside the workers
+    otlp: str = ""  # OTLP/HTTP endpoint for every service's traces (sets OTEL_EXPORTER_OTLP_ENDPOINT)
+    metrics_port: int = 0  # >0: the router serves /metrics here, worker i (in command order) on the next ports
 
 
 def split_cores(cores: list[int], processes: int) -> list[list[int]]:
@@ -58,13 +60,16 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         raise ValueError(f"unknown mode {cfg.mode!r} (colocated, disagg)")
     shares = split_cores(sorted(os.sched_getaffinity(0)), len(roles) + cfg.experts)
     expert_flags = ["--experts", str(cfg.experts)] if cfg.experts else []
+    def metrics(k: int) -> list[str]:
+        return ["--metrics-port", str(cfg.metrics_port + k)] if cfg.metrics_port else []
+
     out = [("router", py + ["router", "--nats", nats_url, "--policy", cfg.router,
-                             "--disagg-threshold", str(cfg.disagg_threshold)], {})]
+                             "--disagg-threshold", str(cfg.disagg_threshold), *metrics(0)], {})]
     for i, (role, cores) in enumerate(zip(roles, shares[:len(roles)], strict=True)):
         env = {"OMP_NUM_THREADS": str(len(cores))}
         argv = py + [role, "--nats", nats_url, "--model", model, "--worker-id", f"{role}-{i}",
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--kv-transport", cfg.kv_transport,
-                     *expert_flags, *cfg.worker_args]
+                     *expert_flags, *metrics(1 + i), *cfg.worker_args]
         out.append((f"{role}-{i}", argv, env))
     for i, cores in enumerate(shares[len(roles):]):
         argv = py + ["experts", "--nats", nats_url, "--model", model, "--shard", f"{i}/{cfg.experts}",
@@ -72,6 +77,9 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         out.append((f"experts-{i}", argv, {"OMP_NUM_THREADS": str(len(cores))}))
     out.append(("gateway", py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host,
                                  "--port", str(cfg.port)], {}))
+    if cfg.otlp:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": cfg.otlp, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        out = [(name, argv, {**env, **otel}) for name, argv, env in out]
     return out
 
 

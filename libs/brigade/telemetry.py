@@ -1,13 +1,14 @@
-"""Prometheus metrics of a worker's engine, under vLLM's names so existing dashboards read them (DESIGN §6).
+"""Prometheus metrics of a worker: its engine under vLLM's names (so existing dashboards read them) and its KV
+transfers under brigade:* (DESIGN §6).
 
-Values are read from `Engine.stats()` when Prometheus scrapes, so the step loop pays nothing for them.
+Engine values are read from `Engine.stats()` when Prometheus scrapes, so the step loop pays nothing for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,3 +49,24 @@ def engine_registry(engine: Engine, model_name: str, worker_id: str,
     registry = registry or CollectorRegistry()
     registry.register(EngineCollector(engine, model_name, worker_id))
     return registry
+
+
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class TransferMetrics:
+    """KV pages moved prefill -> decode by this worker, per transport."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        t = ["transport"]
+        self.bytes = Counter("brigade:kv_transfer_bytes", "KV bytes sent to decode workers", t, registry=registry)
+        self.blocks = Counter("brigade:kv_transfer_blocks", "KV blocks sent to decode workers", t, registry=registry)
+        self.seconds = Histogram("brigade:kv_transfer_seconds", "Time to move one request's KV pages", t,
+                                 buckets=TRANSFER_BUCKETS, registry=registry)
+        self.failures = Counter("brigade:kv_transfer_failures", "KV transfers or handoffs that failed (fell back)",
+                                t, registry=registry)
+
+    def observe(self, transport: str, blocks: int, nbytes: int, seconds: float) -> None:
+        self.bytes.labels(transport).inc(nbytes)
+        self.blocks.labels(transport).inc(blocks)
+        self.seconds.labels(transport).observe(seconds)

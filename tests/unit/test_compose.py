@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from compose_file import load_compose
 
 from brigade.cli import parser
 
@@ -16,20 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BRIGADE_SERVICES = ("gateway", "router", "prefill", "decode")
 
 
-def _interpolate(value: Any) -> Any:
-    """Compose's `${VAR:-default}` / `${VAR-default}` with nothing set: the default."""
-    if isinstance(value, str):
-        return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
-    if isinstance(value, list):
-        return [_interpolate(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
-    return value
-
-
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return _interpolate(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+    return load_compose()
 
 
 @pytest.fixture(scope="module")

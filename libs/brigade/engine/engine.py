@@ -71,6 +71,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: list[Sampled] | None = None
+    time_in_queue: float = 0.0  # seconds from arrival to first scheduling
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Engine:
         self.held: dict[str, Seq] = {}  # prefilled, finished "handoff", blocks kept until release()
         self.reserved: dict[str, tuple[list[int], float]] = {}  # incoming transfers: blocks, deadline
         self.num_steps = 0
+        self.current: list[Seq] = []  # the sequences of the step in progress (for per-step tracing)
         self.prompt_tokens = 0  # prompts of requests that produced their first token here
         self.generation_tokens = 0
 
@@ -276,6 +278,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        self.current = batch.seqs
         logits, samplers = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
@@ -323,7 +326,8 @@ class Engine:
         state.sent = end
         out = RequestOutput(
             seq.request_id, [token], new_text, reason is not None, reason, stop_reason, seq.num_prompt,
-            seq.num_cached or 0, seq.num_output, [smp] if p.logprobs is not None else None)
+            seq.num_cached or 0, seq.num_output, [smp] if p.logprobs is not None else None,
+            (seq.scheduled_time or seq.arrival) - seq.arrival)
         if reason is not None:
             hold = reason == "handoff"
             self.scheduler.finish(seq, reason, free=not hold)

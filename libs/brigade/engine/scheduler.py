@@ -8,6 +8,7 @@ it goes back to the head of the queue to be recomputed later (cached blocks ofte
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -101,6 +102,7 @@ class Scheduler:
             pool.stats.prefix_hits += cached
             if seq.num_cached is None:
                 seq.num_cached = min(cached, seq.num_prompt)
+                seq.scheduled_time = time.monotonic()
             seq.num_computed = cached
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -31,6 +31,7 @@ class Sequence:
     num_committed: int = 0  # leading blocks registered in the pool's hash index
     num_cached: int | None = None  # prompt tokens served from the prefix cache at first admission
     finish_reason: str | None = None
+    scheduled_time: float | None = None  # first admission into the running batch (monotonic)
     first_token_time: float | None = None
     prefill_only: bool = False  # disaggregated prefill: stop after the first token, keep the blocks
 

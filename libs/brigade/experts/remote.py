@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter
 
 from brigade import protocol as P
+from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.experts import dispatch
 from brigade.experts.placement import LivePlacement
@@ -73,6 +75,8 @@ class RemoteExperts:
                               ["direction"], registry=self.registry)
         self._errors = Counter("brigade:expert_dispatch_errors", "Expert dispatches that failed", ["shard"],
                                registry=self.registry)
+        # With tracing on, the worker sets this: the span (of one request in the step) that dispatches join.
+        self.trace_parent: Callable[[], tracing.Span | None] | None = None
 
     @classmethod
     async def create(cls, bus: Bus, model_dir: str, timeout: float = 5.0) -> RemoteExperts:
@@ -142,9 +146,11 @@ class RemoteExperts:
                 return not self.placement.missing(layer)
         return True
 
-    async def _exchange(self, layer: int, requests: list[tuple[str, list[bytes]]]) -> list[list[bytes]]:
+    async def _exchange(self, layer: int, requests: list[tuple[str, list[bytes]]],
+                        headers: dict[str, str] | None = None) -> list[list[bytes]]:
         """Send every shard's chunks at once; the replies in order, or ExpertsError on the first failure."""
-        tasks = [asyncio.ensure_future(self._ask(layer, shard, data)) for shard, chunks in requests for data in chunks]
+        tasks = [asyncio.ensure_future(self._ask(layer, shard, data, headers))
+                 for shard, chunks in requests for data in chunks]
         try:
             replies = await asyncio.gather(*tasks)
         except BaseException:
@@ -157,9 +163,9 @@ class RemoteExperts:
             i += len(chunks)
         return out
 
-    async def _ask(self, layer: int, shard: str, data: bytes) -> bytes:
+    async def _ask(self, layer: int, shard: str, data: bytes, headers: dict[str, str] | None) -> bytes:
         try:
-            return await self.bus.request(P.experts_dispatch(shard), data, timeout=self.timeout)
+            return await self.bus.request(P.experts_dispatch(shard), data, timeout=self.timeout, headers=headers)
         except BusError as e:
             self._errors.labels(shard).inc()
             if self.placement.remove(shard):  # until its next heartbeat: a replica, if any, takes over
@@ -187,7 +193,19 @@ class RemoteExperts:
             self._rr[layer][e] += c
         xc = x.detach().cpu()
         requests = [(b.shard, dispatch.encode(layer, xc, b, self.bus.max_payload)) for b in batches]
-        replies = self._run(self._exchange(layer, requests), self.timeout + 1.0)
+        parent = self.trace_parent() if self.trace_parent is not None else None
+        span = None
+        if parent is not None:
+            span = tracing.start("experts.dispatch", parent, tracing.SpanKind.CLIENT, {
+                "brigade.moe.layer": layer, "brigade.moe.tokens": x.shape[0], "brigade.moe.shards": len(batches)})
+        try:
+            replies = self._run(self._exchange(layer, requests, tracing.headers(span) if span else None),
+                                self.timeout + 1.0)
+        except ExpertsError as e:
+            if span is not None:
+                tracing.fail(span, str(e))
+                span.end()
+            raise
         outputs, compute = [], 0.0
         for b, chunks in zip(batches, replies, strict=True):
             parts = []
@@ -207,6 +225,10 @@ class RemoteExperts:
         got = sum(len(d) for chunks in replies for d in chunks)
         self._bytes.labels("dispatch").inc(sent)
         self._bytes.labels("combine").inc(got)
+        if span is not None:
+            span.set_attributes({"brigade.moe.bytes_out": sent, "brigade.moe.bytes_in": got,
+                                 "brigade.moe.compute_seconds": compute})
+            span.end()
         s = self.stats
         s.calls += 1
         s.tokens += x.shape[0]

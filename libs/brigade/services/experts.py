@@ -20,6 +20,7 @@ import torch
 from prometheus_client import start_http_server
 
 from brigade import protocol as P
+from brigade import tracing
 from brigade.bus import Bus, heartbeat, publish_status
 from brigade.config import ExpertsConfig, parse_cpus
 from brigade.experts.dispatch import DTYPES
@@ -70,7 +71,13 @@ class ExpertsService:
         except P.ProtocolError as e:
             await self.bus.respond(msg, P.ExpertsResult(error=str(e)))
             return
+        span = tracing.start("experts", tracing.context_of(msg), tracing.SpanKind.SERVER, {
+            "brigade.moe.layer": req.layer, "brigade.moe.rows": req.rows, "brigade.moe.shard": self.shard.shard_id})
         result = await asyncio.get_running_loop().run_in_executor(self.pool, self.shard.run, req)
+        span.set_attribute("brigade.moe.compute_seconds", result.compute_s)
+        if result.error:
+            tracing.fail(span, result.error)
+        span.end()
         await self.bus.respond(msg, result)
 
     def status(self) -> P.ExpertsStatus:
@@ -101,6 +108,7 @@ async def serve(config: ExpertsConfig) -> None:
     threads = config.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     shard = await asyncio.to_thread(load_shard, config)
+    tracing.setup("experts", shard.shard_id)
     bus = await Bus.connect(config.nats, f"experts-{shard.shard_id}")
     service = ExpertsService(config, bus, shard, threads)
     if config.metrics_port:
@@ -113,3 +121,4 @@ async def serve(config: ExpertsConfig) -> None:
     finally:
         await service.stop()
         await bus.close()
+        tracing.shutdown()

@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from brigade import openai_api as api
 from brigade import protocol as P
+from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.config import GatewayConfig
 from brigade.model.tokenizer import Tokenizer
@@ -85,11 +86,15 @@ class Flow:
     it frees the admission slot and leaves the Cancel/unsubscribe I/O to a background task.
     """
 
-    def __init__(self, gw: Gateway, req: api.ApiRequest, t0: float) -> None:
+    def __init__(self, gw: Gateway, req: api.ApiRequest, t0: float, span: tracing.Span) -> None:
         self.gw = gw
         self.req = req
         self.t0 = t0  # loop time at arrival: TTFT and the request timeout count from here
+        self.span = span  # the request's server span: ended by close()
         self.id = api.new_id(req.kind)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._trace_start()
         self.created = int(time.time())
         self.request_ids = [f"{self.id}-{i}" for i in range(req.num_choices)]
         self.finished = [False] * req.num_choices
@@ -116,6 +121,13 @@ class Flow:
                 raise r
         self.gw.metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.req.prompts))
 
+    def _trace_start(self) -> None:
+        r, p = self.req, self.req.choice_params(0)
+        self.span.set_attributes({
+            tracing.REQUEST_ID: self.id, tracing.REQUEST_MODEL: r.model, tracing.REQUEST_N: r.num_choices,
+            tracing.REQUEST_MAX_TOKENS: p.max_tokens, tracing.REQUEST_TEMPERATURE: p.temperature,
+            tracing.REQUEST_TOP_P: p.top_p, "brigade.stream": r.stream})
+
     def _on_message(self, index: int) -> Callable[[Msg], Coroutine[Any, Any, None]]:
         async def on_message(msg: Msg) -> None:
             self.queue.put_nowait((index, msg.data))
@@ -128,7 +140,8 @@ class Flow:
                                 asdict(self.req.choice_params(index)), inbox, model=self.req.model,
                                 arrival=time.time())
         try:
-            accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout))
+            accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout,
+                                                              headers=tracing.headers(self.span)))
         except (BusError, P.ProtocolError) as e:
             raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
         if accepted.code == 400:  # the worker judged the request itself invalid: the client's problem
@@ -176,6 +189,8 @@ class Flow:
                     metrics.itl.observe(now - last[index])
                 else:
                     metrics.ttft.observe(now - self.t0)
+                    if not any(seen):
+                        self.span.set_attribute(tracing.LATENCY_TTFT, now - self.t0)
                     seen[index] = True
                 metrics.generation_tokens.inc(len(chunk.token_ids))
             last[index] = now
@@ -183,6 +198,8 @@ class Flow:
                 self.finished[index] = True
                 metrics.e2e.observe(now - self.t0)
                 metrics.success(chunk.finish_reason)
+                self.prompt_tokens += chunk.prompt_tokens
+                self.completion_tokens += chunk.completion_tokens
             yield index, chunk
 
     def close(self) -> None:
@@ -192,6 +209,11 @@ class Flow:
         self.closed = True
         self.gw.flows.discard(self)
         self.gw.release_slot()
+        self.span.set_attributes({
+            tracing.USAGE_PROMPT_TOKENS: self.prompt_tokens, tracing.USAGE_COMPLETION_TOKENS: self.completion_tokens,
+            tracing.USAGE_NUM_SEQUENCES: sum(self.finished),
+            tracing.LATENCY_E2E: asyncio.get_running_loop().time() - self.t0})
+        self.span.end()
         pending = [rid for rid, done in zip(self.request_ids, self.finished, strict=True) if not done]
         self.gw.spawn(self._release(pending, self.subs))
 
@@ -218,6 +240,11 @@ class _EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def _trace_error(span: tracing.Span, e: api.ApiError) -> None:
+    span.set_attribute("http.response.status_code", e.status)
+    tracing.fail(span, str(e))
 
 
 def _dumps(obj: Any) -> str:
@@ -267,8 +294,10 @@ class Gateway:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=2.0)
 
-    def error(self, e: api.ApiError) -> JSONResponse:
+    def error(self, e: api.ApiError, span: tracing.Span | None = None) -> JSONResponse:
         (self.metrics.failed if e.status in (500, 504) else self.metrics.rejected).labels(str(e.status)).inc()
+        if span is not None:
+            _trace_error(span, e)
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -281,9 +310,14 @@ class Gateway:
         return await self._generate(request, api.parse_chat)
 
     async def _generate(self, request: Request, parse: Callable[..., api.ApiRequest]) -> Response:
+        # The server span of the request; a client's own traceparent header makes it a child of the caller's.
+        span = tracing.start(f"POST {request.url.path}", tracing.context_of(request.headers), tracing.SpanKind.SERVER,
+                             {"http.request.method": "POST", "url.path": request.url.path})
         if self.inflight >= self.config.max_inflight:
-            return self.error(api.ApiError(429, f"too many concurrent requests (limit {self.config.max_inflight})",
-                                           code="rate_limit_exceeded"))
+            response = self.error(api.ApiError(429, f"too many concurrent requests (limit {self.config.max_inflight})",
+                                               code="rate_limit_exceeded"), span)
+            span.end()
+            return response
         t0 = asyncio.get_running_loop().time()
         self.inflight += 1
         self.metrics.inflight.inc()
@@ -293,15 +327,16 @@ class Gateway:
             body = await request.body()
             # Tokenizing (and chat templating) is CPU work: keep it off the event loop.
             req = await asyncio.to_thread(parse, body, self.tokenizer, self.served, self.max_model_len)
-            flow = Flow(self, req, t0)
+            flow = Flow(self, req, t0, span)
             await flow.start()
             if req.stream:
                 handed_off = True
                 return _EventStream(self._stream(flow), flow.close)
             return await self._complete(request, flow)
         except api.ApiError as e:
-            return self.error(e)
+            return self.error(e, span)
         except ClientDisconnect:
+            span.set_attribute("http.response.status_code", 499)
             return Response(status_code=499)  # nobody is listening
         finally:
             if not handed_off:
@@ -309,6 +344,7 @@ class Gateway:
                     flow.close()
                 else:
                     self.release_slot()
+                    span.end()
 
     async def _complete(self, request: Request, flow: Flow) -> Response:
         """Collect every choice; give up (and cancel) as soon as the client disconnects."""
@@ -344,6 +380,7 @@ class Gateway:
                     yield _dumps(body)
             except api.ApiError as e:  # headers are gone: report in-band, as vLLM does
                 self.metrics.failed.labels(str(e.status)).inc()
+                _trace_error(flow.span, e)
                 yield _dumps(e.body())
             yield "[DONE]"
         finally:
@@ -464,6 +501,7 @@ async def serve(config: GatewayConfig) -> None:
     model_dir = await asyncio.to_thread(demo_model_dir) if config.model == "demo" else Path(config.model)
     tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
     max_model_len = load_config(model_dir).max_position
+    tracing.setup("gateway")
     bus = await Bus.connect(config.nats, "gateway")
     app = build_app(config, bus, tokenizer, max_model_len)
     gw: Gateway = app.state.gateway
@@ -474,3 +512,4 @@ async def serve(config: GatewayConfig) -> None:
     finally:
         await gw.aclose()
         await bus.close()
+        tracing.shutdown()

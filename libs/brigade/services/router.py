@@ -12,6 +12,7 @@ from nats.errors import NoRespondersError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from brigade import protocol as P
+from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.config import RouterConfig
 from brigade.kv.hashing import hash_blocks
@@ -143,6 +144,17 @@ class Router:
 
     async def _on_generate(self, msg: Any) -> None:
         req = P.GenerateRequest.decode(msg.data)
+        span = tracing.start("route", tracing.context_of(msg), tracing.SpanKind.SERVER, {
+            tracing.REQUEST_ID: req.request_id, tracing.POLICY: self.policy.name,
+            tracing.USAGE_PROMPT_TOKENS: len(req.prompt_ids)})
+        try:
+            reply = await self._route(req, span)
+        finally:
+            span.end()
+        await self.bus.respond(msg, reply)
+
+    async def _route(self, req: P.GenerateRequest, span: tracing.Span) -> P.Accepted | bytes:
+        """Forward `req` to the best worker that takes it (up to MAX_ATTEMPTS); its Accepted, or a 503."""
         failed: set[str] = set()
         prompt = req.prompt_ids + req.output_ids
         bs = self.config.block_size
@@ -161,23 +173,29 @@ class Router:
             if hashes:
                 self.index.remember(hashes, d.worker, self.config.recent_ttl)
             self.metrics.prompt_tokens.labels(d.worker).inc(len(prompt))
-            self.metrics.hit_tokens.labels(d.worker).inc(min(d.cached_blocks * bs, len(prompt)))
+            cached = min(d.cached_blocks * bs, len(prompt))
+            self.metrics.hit_tokens.labels(d.worker).inc(cached)
             fwd = replace(req, decode_worker=d.decode)
+            span.set_attributes({tracing.WORKER: d.worker, tracing.CACHED_TOKENS: cached,
+                                 **({tracing.DECODE_WORKER: d.decode} if d.decode else {})})
             try:
-                reply = await self.bus.request(P.worker_generate(d.worker), fwd, timeout=self.config.forward_timeout)
+                reply = await self.bus.request(P.worker_generate(d.worker), fwd, timeout=self.config.forward_timeout,
+                                               headers=tracing.headers(span))
             except BusError as e:
+                span.add_event("worker_refused", {tracing.WORKER: d.worker, "error": str(e)})
                 log.warning("worker %s did not take %s: %s", d.worker, req.request_id, e)
                 failed.add(d.worker)
                 if isinstance(e.__cause__, NoRespondersError):  # gone, not just slow: stop routing there now
                     self.fleet.remove(d.worker)
                     self.index.purge(d.worker)
                 continue
-            await self.bus.respond(msg, reply)
-            return
-        await self.bus.respond(msg, P.Accepted(req.request_id, error="no worker available", code=503))
+            return reply
+        tracing.fail(span, "no worker available")
+        return P.Accepted(req.request_id, error="no worker available", code=503)
 
 
 async def serve(config: RouterConfig) -> None:
+    tracing.setup("router")
     bus = await Bus.connect(config.nats, "router")
     router = Router(config, bus)
     if config.metrics_port:
@@ -190,3 +208,4 @@ async def serve(config: RouterConfig) -> None:
     finally:
         await router.stop()
         await bus.close()
+        tracing.shutdown()

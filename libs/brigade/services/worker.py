@@ -19,9 +19,10 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from brigade import protocol as P
+from brigade import tracing
 from brigade.bus import Bus, BusError, heartbeat, publish_status
 from brigade.config import WorkerConfig, parse_cpus
 from brigade.engine.async_engine import AsyncEngine
@@ -33,7 +34,7 @@ from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
 from brigade.model.make import resolve_model
 from brigade.procs import stop_on_signals
-from brigade.telemetry import engine_registry
+from brigade.telemetry import TransferMetrics, engine_registry
 
 log = logging.getLogger("brigade.worker")
 CANCEL_MEMORY_S = 60.0  # a cancelled id is refused this long, so a late handoff cannot revive it
@@ -43,13 +44,17 @@ KV_EVENT_PERIOD_S = 0.02  # how often queued prefix-cache changes are published
 class Worker:
     """One engine, its subscriptions, heartbeats and (for disaggregation) its KV transport."""
 
-    def __init__(self, config: WorkerConfig, bus: Bus, engine: Engine) -> None:
+    def __init__(self, config: WorkerConfig, bus: Bus, engine: Engine,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
+        self.registry = registry or CollectorRegistry()  # served on /metrics with the engine's collector
+        self.transfer_metrics = TransferMetrics(self.registry)
         self.bus = bus
         self.engine = engine
         self.id = config.worker_id
         self.aengine = AsyncEngine(engine, self._on_outputs, self._on_step_error)
         self.active: dict[str, P.GenerateRequest] = {}
+        self.spans: dict[str, _Traced] = {}  # the span of every request this worker is serving
         self.cancelled: dict[str, float] = {}
         self.peers: dict[str, P.WorkerStatus] = {}  # other workers' last status (shm names for transfers)
         self.shm_name = ""
@@ -115,8 +120,9 @@ class Worker:
         # Accept now and queue the add: a step in progress (a long prefill takes seconds) must not hold up
         # the answer, or the router times out on a healthy worker.
         self.active[req.request_id] = req
-        await self.bus.respond(msg, P.Accepted(req.request_id, worker_id=self.id))
         prefill_only = self.config.role == "prefill" and bool(req.decode_worker)
+        self._trace(req.request_id, "prefill" if prefill_only else "generate", tracing.context_of(msg))
+        await self.bus.respond(msg, P.Accepted(req.request_id, worker_id=self.id))
         self._spawn(self._add(req, params, prefill_only))
 
     async def _add(self, req: P.GenerateRequest, params: SamplingParams, prefill_only: bool) -> None:
@@ -124,6 +130,7 @@ class Worker:
             await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
                                     req.output_ids, prefill_only)
         except (InvalidRequest, ValueError) as e:
+            self._end_trace(req.request_id, str(e))
             if self.active.pop(req.request_id, None) is not None:
                 await self.bus.publish(req.reply_to, P.TokenChunk(req.request_id, [], "", "error", error=str(e),
                                                                   worker_id=self.id))
@@ -139,11 +146,15 @@ class Worker:
                 None if handoff else out.finish_reason, out.stop_reason, out.num_prompt_tokens,
                 out.num_output_tokens, out.num_cached_tokens, _logprobs(out), self.id)
             await self.bus.publish(req.reply_to, chunk)
+            traced = self.spans.get(out.request_id)
+            if traced is not None:
+                traced.on_output(out)
             if handoff:
                 self._spawn(self._handoff(req, out))
             elif out.finished:
                 del self.active[out.request_id]
                 self.served += 1
+                self._end_trace(out.request_id)
 
     async def _on_step_error(self, error: BaseException) -> None:
         """A step raised: fail every request this worker holds rather than leave clients hanging."""
@@ -152,6 +163,7 @@ class Worker:
                                                               worker_id=self.id))
             await self.aengine.call(self.engine.abort, rid)
             del self.active[rid]
+            self._end_trace(rid, f"worker error: {error}")
 
     async def _on_cancel(self, msg: Any) -> None:
         rid = P.Cancel.decode(msg.data).request_id
@@ -160,6 +172,10 @@ class Worker:
         for old in [k for k, t in self.cancelled.items() if now - t > CANCEL_MEMORY_S]:
             del self.cancelled[old]
         self.active.pop(rid, None)
+        traced = self.spans.get(rid)
+        if traced is not None:
+            traced.span.add_event("cancelled")
+            self._end_trace(rid)
         if self.receiver is not None:
             self.receiver.forget(rid)
         # Always queue the abort: engine calls run in order, so one still queued for this request (a
@@ -171,29 +187,48 @@ class Worker:
         """Move the prompt's KV to the decode worker and hand the request over; fall back on failure."""
         rid, dest = req.request_id, str(req.decode_worker)
         timeout = self.config.lease_s / 2
+        traced = self.spans.get(rid)
+        parent = traced.span if traced is not None else None
+        span = tracing.start("kv_transfer", parent, attributes={
+            tracing.REQUEST_ID: rid, tracing.TRANSPORT: self.config.kv_transport, tracing.DECODE_WORKER: dest})
+        error: str | None = None
         try:
             held = self.engine.held.get(rid)
             if held is None or rid in self.cancelled:
                 return
             num_prompt = held.num_prompt
             alloc = P.Allocation.decode(await self.bus.request(
-                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s), timeout=timeout))
+                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s), timeout=timeout,
+                headers=tracing.headers(span)))
             if alloc.error:
                 raise transfer.TransferError(f"decode worker {dest} refused allocation: {alloc.error}")
             src = list(held.block_ids[:len(alloc.block_ids)])
             peer = self._peer(dest)
             assert self.sender is not None
+            t0 = time.perf_counter()
             await self.sender.send(rid, self.engine.runner.cache, src, peer, alloc.block_ids)
+            seconds = time.perf_counter() - t0
+            nbytes = len(src) * self.layout.bytes_per_block
+            self.transfer_metrics.observe(self.config.kv_transport, len(src), nbytes, seconds)
+            span.set_attributes({tracing.TRANSFER_BLOCKS: len(src), tracing.TRANSFER_BYTES: nbytes,
+                                 tracing.TRANSFER_SECONDS: seconds})
+            span.end()
             handoff = P.Handoff(asdict(req), first.new_token_ids[0], alloc.block_ids, first.num_cached_tokens,
                                 first_text_sent=bool(first.new_text))
-            ack = P.Ack.decode(await self.bus.request(P.worker_handoff(dest), handoff, timeout=timeout))
+            ack = P.Ack.decode(await self.bus.request(P.worker_handoff(dest), handoff, timeout=timeout,
+                                                      headers=tracing.headers(parent) if parent else None))
             if not ack.ok:
                 raise transfer.TransferError(f"handoff refused by {dest}: {ack.error}")
         except (BusError, transfer.TransferError, P.ProtocolError, KeyError) as e:
             log.warning("handoff of %s to %s failed (%s); falling back to local prefill there", rid, dest, e)
+            self.transfer_metrics.failures.labels(self.config.kv_transport).inc()
+            tracing.fail(span, str(e))
+            error = f"handoff failed: {e}"
             await self._fallback(req, first)
         finally:
+            span.end()  # a second end is ignored
             self.active.pop(rid, None)
+            self._end_trace(rid, error)
             await self.aengine.call(self.engine.release, rid)
 
     async def _fallback(self, req: P.GenerateRequest, first: RequestOutput) -> None:
@@ -201,9 +236,12 @@ class Worker:
         if req.request_id in self.cancelled:
             return
         resume = P.GenerateRequest(**{**asdict(req), "output_ids": list(first.new_token_ids), "decode_worker": None})
+        traced = self.spans.get(req.request_id)
+        headers = tracing.headers(traced.span) if traced is not None else None
         for target in [str(req.decode_worker), self.id]:
             try:
-                acc = P.Accepted.decode(await self.bus.request(P.worker_generate(target), resume, timeout=2.0))
+                acc = P.Accepted.decode(await self.bus.request(P.worker_generate(target), resume, timeout=2.0,
+                                                               headers=headers))
             except BusError:
                 continue
             if not acc.error:
@@ -258,7 +296,31 @@ class Worker:
             await self.bus.respond(msg, P.Ack(False, str(e)))
             return
         self.active[rid] = req
+        self._trace(rid, "decode", tracing.context_of(msg))
         await self.bus.respond(msg, P.Ack(True))
+
+    # ---- tracing -----------------------------------------------------------------------------
+    def _trace(self, rid: str, name: str, parent: Any) -> None:
+        span = tracing.start(name, parent, tracing.SpanKind.SERVER, {
+            tracing.REQUEST_ID: rid, tracing.WORKER: self.id, tracing.ROLE: self.config.role})
+        self.spans[rid] = _Traced(span, ttft=name != "decode")  # decode continues after the first token
+
+    def step_span(self) -> tracing.Span | None:
+        """Engine thread: the span of the first traced request in the step in progress (MoE dispatches join it)."""
+        for seq in self.engine.current:
+            traced = self.spans.get(seq.request_id)
+            if traced is not None:
+                return traced.span
+        return None
+
+    def _end_trace(self, rid: str, error: str | None = None) -> None:
+        traced = self.spans.pop(rid, None)
+        if traced is None:
+            return
+        if error:
+            tracing.fail(traced.span, error)
+        traced.span.set_attribute(tracing.LATENCY_E2E, time.monotonic() - traced.start)
+        traced.span.end()
 
     # ---- prefix-cache events for the routers ----------------------------------------------------
     def _on_kv_event(self, ev: KvEvent) -> None:
@@ -326,6 +388,27 @@ class Worker:
         await publish_status(self.bus, P.HEARTBEAT, self.status())
 
 
+class _Traced:
+    """A request's span on this worker and what it records as outputs arrive."""
+
+    __slots__ = ("span", "start", "first")
+
+    def __init__(self, span: tracing.Span, ttft: bool = True) -> None:
+        self.span = span
+        self.start = time.monotonic()
+        self.first = ttft
+
+    def on_output(self, out: RequestOutput) -> None:
+        if self.first:
+            self.first = False
+            self.span.set_attributes({
+                tracing.LATENCY_TTFT: time.monotonic() - self.start, tracing.LATENCY_QUEUE: out.time_in_queue,
+                tracing.CACHED_TOKENS: out.num_cached_tokens, tracing.USAGE_PROMPT_TOKENS: out.num_prompt_tokens})
+        if out.finished:
+            self.span.set_attributes({tracing.USAGE_COMPLETION_TOKENS: out.num_output_tokens,
+                                      "gen_ai.response.finish_reasons": [out.finish_reason or ""]})
+
+
 def _logprobs(out: RequestOutput) -> list[Any] | None:
     if out.logprobs is None:
         return None
@@ -362,16 +445,19 @@ async def serve(config: WorkerConfig) -> None:
     """Run one worker until SIGINT/SIGTERM."""
     threads = pin(config)
     torch.set_num_threads(threads)
+    tracing.setup(config.role, config.worker_id)
     bus = await Bus.connect(config.nats, f"worker-{config.worker_id}")
     experts = None
     if config.experts:  # MoE experts on `brigade experts` shards, found through their heartbeats
         experts = await RemoteExperts.create(bus, str(resolve_model(config.model)), config.experts_timeout)
     engine, shm = await asyncio.to_thread(build_engine, config, threads, experts)
+    registry = engine_registry(engine, engine.model.cfg.name, config.worker_id,
+                               experts.registry if experts is not None else None)
+    worker = Worker(config, bus, engine, registry)
+    if experts is not None and tracing.enabled():
+        experts.trace_parent = worker.step_span
     if config.metrics_port:
-        registry = engine_registry(engine, engine.model.cfg.name, config.worker_id,
-                                   experts.registry if experts is not None else None)
         start_http_server(config.metrics_port, registry=registry)
-    worker = Worker(config, bus, engine)
     if shm is not None:
         worker.shm_name = shm.name
     stop = stop_on_signals()
@@ -386,3 +472,4 @@ async def serve(config: WorkerConfig) -> None:
         await bus.close()
         if shm is not None:
             shm.close()  # the owner's close also unlinks the segment
+        tracing.shutdown()
