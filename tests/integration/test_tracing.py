@@ -143,3 +143,45 @@ def test_expert_shard_spans_join_the_request_trace(tiny_models: dict[str, Path],
     by_id = {s.span_id: s for s in dispatches}
     assert served and all(s.parent_id in by_id and s.service == "brigade-experts" for s in served)
     assert len({s.attributes["brigade.moe.shard"] for s in served}) == 2  # both shards took part
+
+
+def _scrape(url: str) -> dict[tuple[str, str], float]:
+    """Every sample of a /metrics page, keyed by (name, sorted labels)."""
+    text = httpx.get(url, timeout=5).text
+    return {(s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _total(samples: dict[tuple[str, str], float], name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_metrics_move_with_requests_served(up: Up) -> None:
+    """Gateway histograms count one sample per request served; token counters move by what was served, on the
+    gateway and on the workers alike."""
+    gateway = f"http://{up.cfg.host}:{up.cfg.port}/metrics"
+    decode = f"http://127.0.0.1:{up.cfg.metrics_port + 2}/metrics"  # decode-1
+    before, before_decode = _scrape(gateway), _scrape(decode)
+    n, max_tokens = 3, 4
+    prompts = 0
+    for i in range(n):
+        r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", timeout=60,
+                       json={"model": "llama", "prompt": f"request number {i} of the metrics test",
+                             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200
+        prompts += r.json()["usage"]["prompt_tokens"]
+    after, after_decode = _scrape(gateway), _scrape(decode)
+
+    def delta(name: str, a: dict[tuple[str, str], float] = after, b: dict[tuple[str, str], float] = before) -> float:
+        return _total(a, name) - _total(b, name)
+
+    for hist in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds"):
+        assert delta(f"{hist}_count") == n
+        assert delta(f"{hist}_sum") > 0
+    assert delta("vllm:inter_token_latency_seconds_count") == n * (max_tokens - 1)
+    assert delta("vllm:request_success_total") == n
+    assert delta("vllm:generation_tokens_total") == n * max_tokens
+    assert delta("vllm:prompt_tokens_total") == prompts
+    # The decode worker generated all but the first token of each (the prefill worker made that one).
+    assert delta("vllm:generation_tokens_total", after_decode, before_decode) == n * (max_tokens - 1)
+    assert _total(after_decode, "vllm:kv_cache_usage_perc") == 0.0  # everything finished and freed
