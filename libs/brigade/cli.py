@@ -101,7 +101,7 @@ def _read_config(path: str) -> dict[str, Any]:
     return dict(yaml.safe_load(text))
 
 
-def _up_config(flags: Any) -> Any:
+def up_config(flags: Any) -> Any:
     """An UpConfig from `brigade up` flags (a list, or one string); a free port unless --port is given."""
     import shlex
     import socket
@@ -132,86 +132,9 @@ def _up_args(a: argparse.Namespace) -> Any:
 
 def _bench_compare(args: argparse.Namespace) -> int:
     """Every system of the config on the same workload, one after another; a table of ratios to the first."""
-    import asyncio
-    from dataclasses import asdict
+    from brigade.bench import compare
 
-    from brigade.bench import loadgen, report
-    from brigade.bench.workloads import Request, build
-
-    conf = _read_config(args.config)
-    workload, n, seed = conf.get("workload", "mixed"), int(conf.get("requests", 100)), int(conf.get("seed", 0))
-    rate, concurrency = conf.get("rate"), conf.get("concurrency")
-    vocab, timeout = int(conf.get("vocab", 1024)), float(conf.get("timeout", 600))
-    cache: dict[str, list[Request]] = {}
-
-    def requests(max_len: int | None) -> list[Request]:
-        # Built once, for the first system's context unless the config fixes max_context: all see the same.
-        if "w" not in cache:
-            max_context = int(conf.get("max_context") or max_len or 8192)
-            conf["max_context"] = max_context
-            cache["w"] = build(workload, n, vocab, seed, max_context, rate, conf.get("workload_options"))
-        return cache["w"]
-
-    def served(url: str, model: str | None) -> dict[str, Any]:
-        listed, max_len = loadgen.discover(url)
-        model = model or listed
-        if model is None:
-            raise ValueError(f"no model listed at {url}/v1/models; give the system a model")
-        reqs = requests(max_len)
-        cfg = loadgen.LoadConfig(url, model, rate, concurrency, seed, timeout, warmup=int(conf.get("warmup", 1)))
-        records, duration = asyncio.run(loadgen.run(cfg, reqs, loadgen.Progress(len(reqs))))
-        return report.result({"url": url, "model": model}, records, duration)
-
-    def hf_static(spec: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        from brigade.bench.offline import run_hf_static
-        from brigade.model.make import resolve_model
-
-        if conf.get("threads"):
-            torch.set_num_threads(int(conf["threads"]))
-        model = resolve_model(spec["model"])
-        max_len = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
-        reqs = requests(max_len)
-        # Throughput only: static batches run in arrival order, all requests available at once.
-        run = run_hf_static(str(model), reqs, int(spec.get("batch_size", 32)))
-        inp = sum(len(r.prompt_ids) for r in reqs)
-        summary = {"requests": len(reqs), "successful": len(reqs), "failed": 0, "duration_s": run.seconds,
-                   "total_input_tokens": inp, "total_output_tokens": run.output_tokens,
-                   "request_throughput": len(reqs) / run.seconds, "output_throughput": run.tokens_per_s,
-                   "total_token_throughput": (inp + run.output_tokens) / run.seconds}
-        return {"summary": summary, "static": asdict(run)}
-
-    results: list[dict[str, Any]] = []
-    for i, spec in enumerate(conf.get("systems") or []):
-        name = str(spec.get("name") or f"system-{i}")
-        kind = next((k for k in ("up", "url", "hf_static") if k in spec), "?")
-        print(f"brigade bench compare: {name} ({kind})", file=sys.stderr, flush=True)
-        try:
-            if kind == "url":
-                res = served(str(spec["url"]), spec.get("model"))
-            elif kind == "up":
-                from brigade.launcher import Up
-
-                up = Up(_up_config(spec["up"]))
-                try:
-                    res = served(up.start(timeout=float(conf.get("start_timeout", 300))), spec.get("model"))
-                finally:
-                    up.stop()
-            elif kind == "hf_static":
-                res = hf_static(dict(spec["hf_static"]))
-            else:
-                raise ValueError("a system needs one of up:, url:, hf_static:")
-        except Exception as e:  # one broken system must not lose the others' results
-            res = {"error": f"{type(e).__name__}: {e}"}
-        results.append({"name": name, "kind": kind, **res})
-    print(report.compare_table(results))
-    report.write({"config": conf, "systems": results}, args.out)
-    if args.plot:
-        from brigade.bench import plot
-
-        plot.plot([(r["name"], r) for r in results if "requests" in r], args.plot)
-    return 0 if any("summary" in r for r in results) else 1
+    return compare.run(_read_config(args.config), args.out, args.plot)
 
 
 def _bench_plot(args: argparse.Namespace) -> int:

@@ -171,3 +171,24 @@ def test_compare_url_hf_static_and_a_broken_system(flaky_url: str, tiny_models: 
     assert hf["kind"] == "hf_static" and hf["summary"]["output_throughput"] > 0
     assert hf["summary"]["total_output_tokens"] == hf["static"]["output_tokens"]
     assert "no model listed" in broken["error"]
+
+
+def test_compare_up_reports_fleet_balance_and_cache_hits(tiny_models: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """An `up:` system: per-worker requests from the heartbeats, and prefix hits against the cacheable tokens of a
+    hot-document rag run (every follow-up can reuse the one document)."""
+    conf = {"workload": "rag", "requests": 8, "concurrency": 1, "max_context": 512, "warmup": 0, "vocab": 1024,
+            "workload_options": {"hot": True, "turns": 4, "doc_tokens": 256},
+            "systems": [{"name": "two", "up": ["--model", str(tiny_models["llama"]), "--decode", "2",
+                                               "--worker-arg=--num-blocks=128"]}]}
+    cfg, out = tmp_path / "compare.json", tmp_path / "compare-out.json"
+    cfg.write_text(json.dumps(conf))
+    assert main(["bench", "compare", "--config", str(cfg), "--out", str(out)]) == 0
+    assert "served per worker" in capsys.readouterr().out
+    [two] = json.loads(out.read_text())["systems"]
+    f = two["fleet"]
+    assert set(f["workers"]) == {"decode-0", "decode-1"}
+    assert sum(w["served"] for w in f["workers"].values()) == 8
+    assert f["cacheable_tokens"] == 7 * 256
+    # One closed-loop client: follow-ups stay on the worker holding the document (at most one more computes it).
+    assert f["cache_hit_share"] >= 6 / 7 - 0.01

@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from brigade.bench.compare import fleet_stats
 from brigade.bench.loadgen import StreamParser, arrival_offsets, base_url
 from brigade.bench.metrics import RequestRecord, by_tag, peak_concurrency, percentile, stats_ms, summarize, timing, tpot
 from brigade.bench.report import compare_table, result, summary_text
 from brigade.bench.workloads import WORKLOADS, Request, build, fit, interference, mixed, rag, sharegpt
+from brigade.protocol import WorkerStatus
 
 
 @pytest.mark.parametrize("xs", [[1.0], [3.0, 1.0], [1.0, 2.0, 3.0, 4.0], [5.0, 0.5, 9.0, 2.0, 2.0, 7.5, 1.0]])
@@ -174,6 +176,30 @@ def test_rag_sessions_share_documents() -> None:
     small = rag(16, 1024, seed=0, max_context=512)
     assert all(len(r.prompt_ids) + r.max_tokens <= 512 for r in small)
     assert len({r.prompt_ids[:384] for r in small}) == 2  # document shrunk to 512 - 64 - 64
+
+
+def test_rag_cacheable_tokens_and_hot_document() -> None:
+    reqs = rag(40, 1024, seed=0, max_context=8192)
+    assert all(r.cacheable == (2048 if r.tag == "followup" else 0) for r in reqs)
+    hot = rag(40, 1024, seed=0, max_context=8192, hot=True)
+    assert len({r.prompt_ids[:2048] for r in hot}) == 1  # one document shared by every session
+    assert [r.cacheable for r in hot] == [0] + [2048] * 39  # only the very first request misses
+    assert sum(r.tag == "first" for r in hot) == 5  # still 5 sessions of 8 turns
+    assert fit(hot[1], 1000).cacheable == 1000 - hot[1].max_tokens  # a cut prompt caps what can be cached
+
+
+def test_fleet_stats_balance_and_hit_share() -> None:
+    def st(w: str, served: int, queries: int, hits: int) -> WorkerStatus:
+        return WorkerStatus(w, "colocated", "m", 16, 0, served=served, prefix_queries=queries, prefix_hits=hits)
+
+    before = {"a": st("a", 5, 100, 0), "b": st("b", 0, 0, 0)}
+    after = {"a": st("a", 11, 4100, 3000), "b": st("b", 2, 1000, 500), "c": st("c", 1, 100, 0)}
+    reqs = [Request((20,) * 10, 1, cacheable=c) for c in (0, 2000, 2000)]
+    s = fleet_stats(before, after, reqs)
+    assert s["workers"]["a"] == {"served": 6, "prompt_tokens": 4000, "hit_tokens": 3000}
+    assert s["workers"]["c"]["served"] == 1  # a worker that joined during the run counts from zero
+    assert s["max_over_mean_served"] == 6 / 3 and s["max_over_mean_prompt_tokens"] == 4000 / 1700
+    assert s["cache_hit_share"] == 3500 / 4000
 
 
 def test_interference_shape() -> None:

@@ -23,6 +23,7 @@ class Request:
     max_tokens: int
     tag: str = ""
     arrival: float | None = None  # seconds after the start; when set, the load generator sends it then
+    cacheable: int = 0  # leading prompt tokens an earlier request of the workload already sent (prefix-cache hits)
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
@@ -35,7 +36,7 @@ def fit(r: Request, max_context: int) -> Request:
         return r
     max_tokens = min(r.max_tokens, max_context - 1)
     plen = max(1, min(len(r.prompt_ids), max_context - max_tokens))
-    return replace(r, prompt_ids=r.prompt_ids[:plen], max_tokens=max_tokens)
+    return replace(r, prompt_ids=r.prompt_ids[:plen], max_tokens=max_tokens, cacheable=min(r.cacheable, plen))
 
 
 def mixed(n: int, vocab: int, seed: int = 0, prompt_range: tuple[int, int] = (32, 256),
@@ -52,27 +53,32 @@ def mixed(n: int, vocab: int, seed: int = 0, prompt_range: tuple[int, int] = (32
 
 
 def rag(n: int, vocab: int, seed: int = 0, max_context: int = 8192, turns: int = 8, doc_tokens: int = 2048,
-        question_range: tuple[int, int] = (16, 64), output_range: tuple[int, int] = (16, 64)) -> list[Request]:
+        question_range: tuple[int, int] = (16, 64), output_range: tuple[int, int] = (16, 64),
+        hot: bool = False) -> list[Request]:
     """Sessions of one shared document plus short questions, interleaved at random across sessions.
 
     ceil(n / turns) sessions share the n requests evenly. Every prompt of a session is its document followed
     by a fresh question: the first (tag "first") computes the document, the follow-ups ("followup") can reuse
     it from a prefix cache. A session's requests keep their order; sessions are mixed between each other.
     The document shrinks to leave room for the longest question and answer within max_context.
+    `hot`: every session shares one document (the hot-prefix case a router must not pile onto one worker).
     """
     rng = random.Random(seed)
     doc_len = max(1, min(doc_tokens, max_context - question_range[1] - output_range[1]))
     sessions = max(1, math.ceil(n / turns))
     left = [n // sessions + (1 if s < n % sessions else 0) for s in range(sessions)]
-    docs = [_ids(rng, doc_len, vocab) for _ in range(sessions)]
+    docs = [_ids(rng, doc_len, vocab) for _ in range(1 if hot else sessions)] * (sessions if hot else 1)
     asked = [0] * sessions
+    sent: set[tuple[int, ...]] = set()
     out = []
     while any(left):
         # Weighting by what is left keeps the sessions running side by side until the end.
         s = rng.choices(range(sessions), weights=left)[0]
         question = _ids(rng, rng.randint(*question_range), vocab)
         tag = "followup" if asked[s] else "first"
-        out.append(Request(docs[s] + question, rng.randint(*output_range), tag))
+        out.append(Request(docs[s] + question, rng.randint(*output_range), tag,
+                           cacheable=len(docs[s]) if docs[s] in sent else 0))
+        sent.add(docs[s])
         asked[s] += 1
         left[s] -= 1
     return out

@@ -1,0 +1,155 @@
+"""`brigade bench compare`: several systems on one workload, one after another, in one run.
+
+Systems are `up:` (a `brigade up` started and stopped here), `url:` (a running server) or `hf_static:` (Hugging
+Face static batching in this process). For `up:` systems the workers' heartbeats are read before and after the
+run: requests and prompt tokens per worker (balance) and prefix-cache hits against the workload's cacheable
+tokens (`Request.cacheable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from brigade import protocol as P
+from brigade.bench import loadgen, report
+from brigade.bench.workloads import Request, build
+from brigade.bus import Bus
+
+
+async def fleet(nats_url: str, seconds: float = 1.2) -> dict[str, P.WorkerStatus]:
+    """Each live worker's newest heartbeat (workers beat every 0.5 s)."""
+    bus = await Bus.connect(nats_url, "bench-fleet")
+    seen: dict[str, P.WorkerStatus] = {}
+
+    async def on_status(msg: Any) -> None:
+        st = P.WorkerStatus.decode(msg.data)
+        seen[st.worker_id] = st
+
+    await bus.subscribe(P.HEARTBEAT, on_status)
+    await asyncio.sleep(seconds)
+    await bus.close()
+    return seen
+
+
+def fleet_stats(before: dict[str, P.WorkerStatus], after: dict[str, P.WorkerStatus],
+                reqs: list[Request]) -> dict[str, Any]:
+    """Per worker: requests finished and prompt tokens looked up / hit during the run; the busiest worker's
+    share over the mean; hits over the workload's cacheable prompt tokens."""
+    workers = {}
+    for w, st in after.items():
+        b = before.get(w)
+        workers[w] = {"served": st.served - (b.served if b else 0),
+                      "prompt_tokens": st.prefix_queries - (b.prefix_queries if b else 0),
+                      "hit_tokens": st.prefix_hits - (b.prefix_hits if b else 0)}
+    out: dict[str, Any] = {"workers": workers}
+    if workers:
+        for key in ("served", "prompt_tokens"):
+            vals = [v[key] for v in workers.values()]
+            mean = sum(vals) / len(vals)
+            out[f"max_over_mean_{key}"] = max(vals) / mean if mean else None
+    cacheable = sum(r.cacheable for r in reqs)
+    hits = sum(v["hit_tokens"] for v in workers.values())
+    out["cacheable_tokens"] = cacheable
+    out["hit_tokens"] = hits
+    out["cache_hit_share"] = hits / cacheable if cacheable else None
+    return out
+
+
+def fleet_text(name: str, stats: dict[str, Any]) -> str:
+    served = " ".join(f"{w}={v['served']}" for w, v in sorted(stats["workers"].items()))
+    share = stats.get("cache_hit_share")
+    by_req, by_tokens = stats.get("max_over_mean_served") or 0, stats.get("max_over_mean_prompt_tokens") or 0
+    return (f"{name:<20} served per worker: {served}; busiest/mean requests {by_req:.2f}, "
+            f"prompt tokens {by_tokens:.2f}; cache hits {stats['hit_tokens']} of {stats['cacheable_tokens']} cacheable"
+            + (f" ({share:.1%})" if share is not None else ""))
+
+
+def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = None) -> int:
+    """Run every system of `conf` (see docs/bench/*.yaml); print the table, write JSON to `out`."""
+    from brigade.cli import up_config
+
+    workload, n, seed = conf.get("workload", "mixed"), int(conf.get("requests", 100)), int(conf.get("seed", 0))
+    rate, concurrency = conf.get("rate"), conf.get("concurrency")
+    vocab, timeout = int(conf.get("vocab", 1024)), float(conf.get("timeout", 600))
+    cache: dict[str, list[Request]] = {}
+
+    def requests(max_len: int | None) -> list[Request]:
+        # Built once, for the first system's context unless the config fixes max_context: all see the same.
+        if "w" not in cache:
+            max_context = int(conf.get("max_context") or max_len or 8192)
+            conf["max_context"] = max_context
+            cache["w"] = build(workload, n, vocab, seed, max_context, rate, conf.get("workload_options"))
+        return cache["w"]
+
+    def served(url: str, model: str | None, nats_url: str = "") -> dict[str, Any]:
+        listed, max_len = loadgen.discover(url)
+        model = model or listed
+        if model is None:
+            raise ValueError(f"no model listed at {url}/v1/models; give the system a model")
+        reqs = requests(max_len)
+        cfg = loadgen.LoadConfig(url, model, rate, concurrency, seed, timeout, warmup=int(conf.get("warmup", 1)))
+        before = asyncio.run(fleet(nats_url)) if nats_url else {}
+        records, duration = asyncio.run(loadgen.run(cfg, reqs, loadgen.Progress(len(reqs))))
+        res = report.result({"url": url, "model": model}, records, duration)
+        if nats_url:
+            res["fleet"] = fleet_stats(before, asyncio.run(fleet(nats_url)), reqs)
+        return res
+
+    def hf_static(spec: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from brigade.bench.offline import run_hf_static
+        from brigade.model.make import resolve_model
+
+        if conf.get("threads"):
+            torch.set_num_threads(int(conf["threads"]))
+        model = resolve_model(spec["model"])
+        max_len = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
+        reqs = requests(max_len)
+        # Throughput only: static batches run in arrival order, all requests available at once.
+        hf = run_hf_static(str(model), reqs, int(spec.get("batch_size", 32)))
+        inp = sum(len(r.prompt_ids) for r in reqs)
+        summary = {"requests": len(reqs), "successful": len(reqs), "failed": 0, "duration_s": hf.seconds,
+                   "total_input_tokens": inp, "total_output_tokens": hf.output_tokens,
+                   "request_throughput": len(reqs) / hf.seconds, "output_throughput": hf.tokens_per_s,
+                   "total_token_throughput": (inp + hf.output_tokens) / hf.seconds}
+        return {"summary": summary, "static": asdict(hf)}
+
+    results: list[dict[str, Any]] = []
+    for i, spec in enumerate(conf.get("systems") or []):
+        name = str(spec.get("name") or f"system-{i}")
+        kind = next((k for k in ("up", "url", "hf_static") if k in spec), "?")
+        print(f"brigade bench compare: {name} ({kind})", file=sys.stderr, flush=True)
+        try:
+            if kind == "url":
+                res = served(str(spec["url"]), spec.get("model"))
+            elif kind == "up":
+                from brigade.launcher import Up
+
+                up = Up(up_config(spec["up"]))
+                try:
+                    url = up.start(timeout=float(conf.get("start_timeout", 300)))
+                    res = served(url, spec.get("model"), up.nats.url if up.nats else up.cfg.nats)
+                finally:
+                    up.stop()
+            elif kind == "hf_static":
+                res = hf_static(dict(spec["hf_static"]))
+            else:
+                raise ValueError("a system needs one of up:, url:, hf_static:")
+        except Exception as e:  # one broken system must not lose the others' results
+            res = {"error": f"{type(e).__name__}: {e}"}
+        results.append({"name": name, "kind": kind, **res})
+    print(report.compare_table(results))
+    for r in results:
+        if r.get("fleet"):
+            print(fleet_text(r["name"], r["fleet"]))
+    report.write({"config": conf, "systems": results}, out)
+    if plot_path:
+        from brigade.bench import plot
+
+        plot.plot([(r["name"], r) for r in results if "requests" in r], plot_path)
+    return 0 if any("summary" in r for r in results) else 1
