@@ -242,7 +242,9 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--experts", type=int, default=0, help="MoE expert shards (0: experts run inside the workers)")
     u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"])
     u.add_argument("--nats", help="use this NATS server instead of starting one")
-    u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "cuda-ipc"])
+    u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "nixl", "cuda-ipc"],
+                   help="prefill -> decode KV pages: shm (one host), nats (chunked over the bus), nixl (UCX; "
+                        "pip install brigade[nixl]), cuda-ipc (one GPU node)")
     u.add_argument("--disagg-threshold", type=int, default=64, help="shorter prompts prefill on the decode worker")
     u.add_argument("--worker-arg", action="append", default=[], help="extra flag for every worker (repeatable)")
     u.add_argument("--metrics-port", type=int, default=0,

@@ -75,7 +75,7 @@ class WorkerConfig:
     device: str = "cpu"
     threads: int = 0  # torch threads; 0: the cores in this process's affinity set
     cpus: str = ""  # cores to pin to, e.g. "0" or "0-1"; empty: leave affinity alone
-    kv_transport: str = "shm"  # shm | nats | cuda-ipc
+    kv_transport: str = "shm"  # shm | nats | nixl | cuda-ipc
     heartbeat_s: float = 0.5
     lease_s: float = 10.0  # blocks allocated for an incoming transfer are freed after this
     hash_seed: int = 0

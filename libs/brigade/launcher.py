@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from brigade import protocol as P
@@ -128,14 +129,20 @@ def _wait_http(url: str, timeout: float) -> None:
 class Up:
     """Owns the embedded NATS server and the children; `stop` ends them all."""
 
-    def __init__(self, cfg: UpConfig) -> None:
+    def __init__(self, cfg: UpConfig, wrap: Callable[[str, list[str]], list[str]] | None = None) -> None:
+        """`wrap(name, argv)`: the command line that runs child `name` (e.g. under `ip netns exec`, `numactl`)."""
         self.cfg = cfg
+        self.wrap = wrap
         self.nats: NatsServer | None = None
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
 
     def start(self, timeout: float = 120.0) -> str:
         """Start everything; return the gateway URL once workers report and the gateway is healthy."""
+        if self.cfg.kv_transport == "nixl" and self.cfg.mode == "disagg":
+            from brigade.kv.nixl import nixl_api
+
+            nixl_api()  # not installed: say so now, not as every worker's dying log line
         model = str(resolve_model(self.cfg.model))  # made once here, not raced by the children
         url = self.cfg.nats
         if not url:
@@ -143,7 +150,7 @@ class Up:
             url = self.nats.start()
         cmds = commands(self.cfg, url, model)
         for name, argv, env in cmds:
-            self.argv[name] = (argv, env)
+            self.argv[name] = (self.wrap(name, argv) if self.wrap else argv, env)
             self.procs.append((name, self._spawn(name)))
         workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway") and not name.startswith("experts"))
         try:

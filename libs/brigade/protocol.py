@@ -159,6 +159,7 @@ class WorkerStatus(Message):
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)
     kv_layout: dict[str, Any] = field(default_factory=dict)  # transfer.KvLayout of its cache
     cuda_ipc_handle: bytes = b""  # cudaIpcMemHandle of its cache, for the cuda-ipc transport
+    nixl: dict[str, Any] = field(default_factory=dict)  # its NIXL agent metadata and cache address (nixl)
     time: float = 0.0
     stopping: bool = False
 

@@ -30,18 +30,23 @@ class Stack:
     model: str
 
 
-@pytest.fixture(scope="module", params=["colocated", "disagg-shm", "disagg-nats"])
+@pytest.fixture(scope="module", params=["colocated", "disagg-shm", "disagg-nats", "disagg-nixl"])
 def stack(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Iterator[Stack]:
     mode, _, transport = str(request.param).partition("-")
+    mp = pytest.MonkeyPatch()
+    if transport == "nixl":
+        pytest.importorskip("nixl._api", reason="the nixl transport needs nixl-cu12 and nixl (brigade[nixl])")
+        mp.setenv("UCX_NET_DEVICES", "lo")  # the children inherit it: UCX over loopback only
     cfg = UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode=mode, prefill=1, decode=1,
                    kv_transport=transport or "shm", disagg_threshold=4,
                    worker_args=("--num-blocks", "256", "--max-num-seqs", "64"))
     up = Up(cfg)
-    url = up.start(timeout=120)
     try:
+        url = up.start(timeout=120)
         yield Stack(up, url, up.nats.url if up.nats else "", str(tiny_models["llama"]))
     finally:
         up.stop()
+        mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,7 @@ def test_make_sender() -> None:
     with pytest.raises(ValueError, match="needs a bus"):
         make_sender("nats")
     assert isinstance(make_sender("nats", bus=object(), timeout=1.0), NatsSender)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown KV transport 'rdma'.*shm, nats, cuda-ipc"):
+    with pytest.raises(ValueError, match="unknown KV transport 'rdma'.*shm, nats, nixl, cuda-ipc"):
         make_sender("rdma")
     try:
         import cupy  # type: ignore[import-not-found]

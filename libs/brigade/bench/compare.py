@@ -63,9 +63,10 @@ def fleet_text(name: str, stats: dict[str, Any]) -> str:
     served = " ".join(f"{w}={v['served']}" for w, v in sorted(stats["workers"].items()))
     share = stats.get("cache_hit_share")
     by_req, by_tokens = stats.get("max_over_mean_served") or 0, stats.get("max_over_mean_prompt_tokens") or 0
+    hits = (f"; cache hits {stats['hit_tokens']} of {stats['cacheable_tokens']} cacheable tokens ({share:.1%})"
+            if share is not None else "")
     return (f"{name:<20} served per worker: {served}; busiest/mean requests {by_req:.2f}, "
-            f"prompt tokens {by_tokens:.2f}; cache hits {stats['hit_tokens']} of {stats['cacheable_tokens']} cacheable"
-            + (f" ({share:.1%})" if share is not None else ""))
+            f"prompt tokens {by_tokens:.2f}{hits}")
 
 
 def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = None) -> int:

@@ -41,7 +41,7 @@ from brigade.protocol import Ack, KvChunk, ProtocolError, worker_kv
 
 log = logging.getLogger("brigade.kv.transfer")
 
-TRANSPORTS = ("shm", "nats", "cuda-ipc")
+TRANSPORTS = ("shm", "nats", "nixl", "cuda-ipc")
 
 
 class TransferError(RuntimeError):
@@ -138,6 +138,7 @@ class PeerInfo:
     layout: KvLayout
     host: str = ""
     cuda_ipc_handle: bytes = field(default=b"", repr=False)  # cudaIpcMemHandle of its cache, for cuda-ipc
+    nixl: dict[str, Any] | None = field(default=None, repr=False)  # its NIXL agent and cache (NixlPeer.to_dict())
 
 
 # ---- block copies -----------------------------------------------------------------------------------
@@ -603,7 +604,7 @@ class CudaIpcSender:
 
 
 def make_sender(name: str, bus: Bus | None = None, **kwargs: Any) -> KvSender:
-    """The sender of transport `name`: "shm", "nats" (needs `bus`) or "cuda-ipc"."""
+    """The sender of transport `name`: "shm", "nats" (needs `bus`), "nixl" (an optional extra) or "cuda-ipc"."""
     if name == "shm":
         return ShmSender()
     if name == "nats":
@@ -612,6 +613,11 @@ def make_sender(name: str, bus: Bus | None = None, **kwargs: Any) -> KvSender:
         return NatsSender(bus, **kwargs)
     if name == "cuda-ipc":
         return CudaIpcSender()
+    if name == "nixl":
+        from brigade.kv import nixl
+
+        nixl.nixl_api()  # fail now, naming the package to install, not at the first transfer
+        return nixl.NixlSender(**kwargs)
     raise ValueError(f"unknown KV transport {name!r}; expected one of {', '.join(TRANSPORTS)}")
 
 

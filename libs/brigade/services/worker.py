@@ -57,8 +57,9 @@ class Worker:
         self.spans: dict[str, _Traced] = {}  # the span of every request this worker is serving
         self.cancelled: dict[str, float] = {}
         self.peers: dict[str, P.WorkerStatus] = {}  # other workers' last status (shm names for transfers)
+        self.peer_seen: dict[str, float] = {}  # when each last beat (monotonic, our clock)
         self.shm_name = ""
-        self.receiver: transfer.NatsReceiver | None = None
+        self.receiver: Any = None  # decode side of the nats or nixl transport: expect/forget (and nixl's wait)
         self.sender: transfer.KvSender | None = None
         self.layout = transfer.KvLayout.of(engine.runner.cache, engine.pool.block_size)
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -83,6 +84,12 @@ class Worker:
             if self.config.kv_transport == "nats":
                 self.receiver = transfer.NatsReceiver()
                 await self.receiver.start(b, self.id, self.engine.runner.cache, self.layout)
+            elif self.config.kv_transport == "nixl":
+                from brigade.kv.nixl import NixlReceiver, nixl_api
+
+                nixl_api()  # a clear error naming the package, before anything else
+                self.receiver = NixlReceiver()
+                await self.receiver.start(self.id, self.engine.runner.cache, self.layout)
         if self.config.role == "prefill":
             self.sender = transfer.make_sender(self.config.kv_transport, b)
         self._spawn(self.aengine.run())
@@ -99,6 +106,10 @@ class Worker:
         for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.receiver is not None:
+            await self.receiver.stop()
+        if self.sender is not None:
+            await self.sender.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -231,14 +242,22 @@ class Worker:
             self._end_trace(rid, error)
             await self.aengine.call(self.engine.release, rid)
 
+    def _fallback_targets(self, failed: str) -> list[str]:
+        """Live decode workers, least loaded first, the one that just failed last; then this worker."""
+        now = time.monotonic()
+        live = [st for w, st in self.peers.items() if st.role in ("decode", "colocated") and not st.stopping
+                and now - self.peer_seen.get(w, 0.0) < 3 * self.config.heartbeat_s]
+        live.sort(key=lambda st: (st.worker_id == failed, st.running + st.waiting, st.kv_used / max(st.kv_total, 1)))
+        return [st.worker_id for st in live] + [self.id]
+
     async def _fallback(self, req: P.GenerateRequest, first: RequestOutput) -> None:
-        """Resend the request (with its first token) to the decode worker, which prefills it itself."""
+        """Resend the request (with its first token) to a live decode worker, which prefills it itself."""
         if req.request_id in self.cancelled:
             return
         resume = P.GenerateRequest(**{**asdict(req), "output_ids": list(first.new_token_ids), "decode_worker": None})
         traced = self.spans.get(req.request_id)
         headers = tracing.headers(traced.span) if traced is not None else None
-        for target in [str(req.decode_worker), self.id]:
+        for target in self._fallback_targets(str(req.decode_worker)):
             try:
                 acc = P.Accepted.decode(await self.bus.request(P.worker_generate(target), resume, timeout=2.0,
                                                                headers=headers))
@@ -258,7 +277,8 @@ class Worker:
             raise transfer.TransferError(f"{worker_id} is on another host; shm transport needs the same host")
         if not status.kv_layout:
             raise transfer.TransferError(f"{worker_id} advertises no KV layout")
-        return transfer.PeerInfo(worker_id, status.shm_name, transfer.KvLayout.from_dict(status.kv_layout), status.host)
+        return transfer.PeerInfo(worker_id, status.shm_name, transfer.KvLayout.from_dict(status.kv_layout), status.host,
+                                 nixl=status.nixl or None)
 
     # ---- disaggregation: decode side ---------------------------------------------------------
     async def _on_allocate(self, msg: Any) -> None:
@@ -275,6 +295,8 @@ class Worker:
             return
         if self.receiver is not None:
             self.receiver.expect(a.request_id, blocks)
+            # A sender that dies never hands off: stop tracking the request once its lease is over.
+            asyncio.get_running_loop().call_later(a.lease_s + 1.0, self.receiver.forget, a.request_id)
         await self.bus.respond(msg, P.Allocation(a.request_id, blocks))
 
     async def _on_handoff(self, msg: Any) -> None:
@@ -282,6 +304,14 @@ class Worker:
         req = P.GenerateRequest(**h.request)
         rid = req.request_id
         if self.receiver is not None:
+            # nixl: the sender saw its WRITE complete; its notification (sent after the data) is the receiving
+            # side's own proof that every block is in. nats acks every chunk, so it is complete already.
+            waiting = getattr(self.receiver, "wait", None)
+            if waiting is not None and not await waiting(rid, self.config.lease_s / 2):
+                self.receiver.forget(rid)
+                await self.aengine.call(self.engine.unreserve, rid)
+                await self.bus.respond(msg, P.Ack(False, "KV notification did not arrive"))
+                return
             self.receiver.forget(rid)
         if rid in self.cancelled:
             await self.aengine.call(self.engine.abort, rid)
@@ -371,6 +401,7 @@ class Worker:
         status = P.WorkerStatus.decode(msg.data)
         if status.worker_id != self.id:
             self.peers[status.worker_id] = status
+            self.peer_seen[status.worker_id] = time.monotonic()
 
     def status(self) -> P.WorkerStatus:
         e = self.engine
@@ -382,7 +413,7 @@ class Worker:
             kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served,
             prefix_queries=e.pool.stats.prefix_queries, prefix_hits=e.pool.stats.prefix_hits, transports=transports,
             host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
-            stopping=self.stopping)
+            stopping=self.stopping, nixl=self.receiver.peer().to_dict() if hasattr(self.receiver, "peer") else {})
 
     async def _publish_status(self) -> None:
         await publish_status(self.bus, P.HEARTBEAT, self.status())
