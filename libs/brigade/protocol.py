@@ -37,6 +37,11 @@ def worker_handoff(worker_id: str) -> str:
     return f"brigade.worker.{worker_id}.handoff"
 
 
+def worker_release(worker_id: str) -> str:
+    """Prefill -> decode worker: Release (no reply): the transfer failed, free the blocks reserved for it."""
+    return f"brigade.worker.{worker_id}.release"
+
+
 def worker_kv_dump(worker_id: str) -> str:
     """Router -> worker: KvDumpRequest (request/reply: KvDump), after a gap or a router restart."""
     return f"brigade.worker.{worker_id}.kv_dump"
@@ -172,6 +177,15 @@ class Allocate(Message):
     request_id: str
     num_tokens: int
     lease_s: float = 10.0
+    reply_to: str = ""  # the client's token inbox: told of the failure if the lease runs out before the handoff
+
+
+@dataclass
+class Release(Message):
+    """Prefill -> decode: drop the reservation of `request_id` (the request went elsewhere)."""
+
+    KIND: ClassVar[str] = "release"
+    request_id: str
 
 
 @dataclass

@@ -127,7 +127,6 @@ def test_parity_across_a_veth_pair(tiny_models: dict[str, Path], reference: Engi
 def faulty(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Up]:
     """1 prefill, 2 decode workers over nixl, with a short lease so a dead sender's blocks come back quickly."""
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")
-    monkeypatch.setenv("BRIGADE_TOKEN_TIMEOUT", "8")  # the gateway gives up on a silent request after 8 s
     up = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=2,
                      kv_transport="nixl", disagg_threshold=4, metrics_port=free_port(),
                      worker_args=("--num-blocks", "256", "--lease-s", "3")))
@@ -237,7 +236,7 @@ def test_decode_killed_mid_transfer_falls_back(faulty: Up, reference: Engine) ->
 
 def test_prefill_killed_mid_transfer_fails_clearly_and_frees_blocks(faulty: Up) -> None:
     """The sender dies as it starts moving the pages: the decode side raises nothing, its lease frees the
-    reserved blocks, and the client gets a clear error in the stream (no hang)."""
+    reserved blocks and tells the client, in the stream, within the lease (3 s here; no hang)."""
     assert faulty.nats is not None
     nats = faulty.nats.url
     before = _kv_used(nats)
@@ -248,7 +247,7 @@ def test_prefill_killed_mid_transfer_fails_clearly_and_frees_blocks(faulty: Up) 
     finally:
         watch.close()
     assert watch.seen, "no KV handoff was attempted"
-    assert error is not None and "no tokens" in error, (text, error)  # the gateway's token timeout, in-band
-    assert time.monotonic() - t0 < 30
+    assert error is not None and "KV lease expired" in error, (text, error)
+    assert time.monotonic() - t0 < 3 + 3  # the lease, its half second of grace, and the prefill's first token
     _settles(nats, {w: u for w, u in before.items() if w.startswith("decode")})
     assert not [w for w in faulty.failed() if w.startswith("decode")]  # the decode workers lived through it

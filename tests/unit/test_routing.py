@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from brigade.launcher import split_cores
+from brigade.cli import parser
+from brigade.launcher import UpConfig, commands, split_cores
 from brigade.protocol import WorkerStatus
 from brigade.routing.fleet import Fleet
 from brigade.routing.policy import Policy, decide
@@ -87,3 +88,19 @@ def test_unknown_policy_rejected() -> None:
 ])
 def test_split_cores(cores: list[int], n: int, want: list[list[int]]) -> None:
     assert split_cores(cores, n) == want
+
+
+def test_up_commands_carry_tracing_and_metrics_ports() -> None:
+    """`brigade up --otlp URL --metrics-port P`: every child exports traces there; the router serves /metrics on
+    P and worker i (in start order) on P + 1 + i, each flag parsed by the child's own parser."""
+    cfg = UpConfig(mode="disagg", prefill=1, decode=2, otlp="http://collector:4318", metrics_port=9100)
+    cmds = commands(cfg, "nats://x", "/m")
+    assert [name for name, _, _ in cmds] == ["router", "prefill-0", "decode-1", "decode-2", "gateway"]
+    for name, argv, env in cmds:
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4318", name
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+        if name != "gateway":  # the gateway serves /metrics on its HTTP port
+            args = parser().parse_args(argv[3:])
+            assert args.metrics_port == 9100 + ["router", "prefill-0", "decode-1", "decode-2"].index(name)
+    plain = commands(UpConfig(), "nats://x", "/m")
+    assert not any("OTEL_EXPORTER_OTLP_ENDPOINT" in env or "--metrics-port" in argv for _, argv, env in plain)

@@ -58,6 +58,7 @@ class Worker:
         self.cancelled: dict[str, float] = {}
         self.peers: dict[str, P.WorkerStatus] = {}  # other workers' last status (shm names for transfers)
         self.peer_seen: dict[str, float] = {}  # when each last beat (monotonic, our clock)
+        self.leases: dict[str, str] = {}  # decode side: reserved for a handoff not yet arrived -> client inbox
         self.shm_name = ""
         self.receiver: Any = None  # decode side of the nats or nixl transport: expect/forget (and nixl's wait)
         self.sender: transfer.KvSender | None = None
@@ -81,6 +82,7 @@ class Worker:
         if self.config.role in ("decode", "colocated"):
             await b.subscribe(P.worker_allocate(self.id), self._on_allocate)
             await b.subscribe(P.worker_handoff(self.id), self._on_handoff)
+            await b.subscribe(P.worker_release(self.id), self._on_release)
             if self.config.kv_transport == "nats":
                 self.receiver = transfer.NatsReceiver()
                 await self.receiver.start(b, self.id, self.engine.runner.cache, self.layout)
@@ -182,6 +184,7 @@ class Worker:
         self.cancelled[rid] = now
         for old in [k for k, t in self.cancelled.items() if now - t > CANCEL_MEMORY_S]:
             del self.cancelled[old]
+        self.leases.pop(rid, None)
         self.active.pop(rid, None)
         traced = self.spans.get(rid)
         if traced is not None:
@@ -203,16 +206,18 @@ class Worker:
         span = tracing.start("kv_transfer", parent, attributes={
             tracing.REQUEST_ID: rid, tracing.TRANSPORT: self.config.kv_transport, tracing.DECODE_WORKER: dest})
         error: str | None = None
+        allocated = False
         try:
             held = self.engine.held.get(rid)
             if held is None or rid in self.cancelled:
                 return
             num_prompt = held.num_prompt
             alloc = P.Allocation.decode(await self.bus.request(
-                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s), timeout=timeout,
-                headers=tracing.headers(span)))
+                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s, req.reply_to),
+                timeout=timeout, headers=tracing.headers(span)))
             if alloc.error:
                 raise transfer.TransferError(f"decode worker {dest} refused allocation: {alloc.error}")
+            allocated = True
             src = list(held.block_ids[:len(alloc.block_ids)])
             peer = self._peer(dest)
             assert self.sender is not None
@@ -235,6 +240,11 @@ class Worker:
             self.transfer_metrics.failures.labels(self.config.kv_transport).inc()
             tracing.fail(span, str(e))
             error = f"handoff failed: {e}"
+            if allocated:  # best effort: a live decode worker frees the blocks now rather than at its lease's end
+                try:
+                    await self.bus.publish(P.worker_release(dest), P.Release(rid))
+                except Exception as release_error:  # a closed bus: the lease frees them
+                    log.debug("release of %s on %s failed: %s", rid, dest, release_error)
             await self._fallback(req, first)
         finally:
             span.end()  # a second end is ignored
@@ -295,14 +305,36 @@ class Worker:
             return
         if self.receiver is not None:
             self.receiver.expect(a.request_id, blocks)
-            # A sender that dies never hands off: stop tracking the request once its lease is over.
-            asyncio.get_running_loop().call_later(a.lease_s + 1.0, self.receiver.forget, a.request_id)
+        # A sender that dies never hands off: once the lease is over, forget the request and tell its client.
+        self.leases[a.request_id] = a.reply_to
+        asyncio.get_running_loop().call_later(a.lease_s + 0.5, self._lease_over, a.request_id)
         await self.bus.respond(msg, P.Allocation(a.request_id, blocks))
+
+    def _lease_over(self, rid: str) -> None:
+        reply_to = self.leases.pop(rid, None)
+        if reply_to is None:
+            return  # handed off, released or cancelled in time
+        if self.receiver is not None:
+            self.receiver.forget(rid)
+        log.warning("no handoff of %s within its lease: its prefill worker is gone; blocks freed", rid)
+        if reply_to and rid not in self.cancelled:
+            self._spawn(self.bus.publish(reply_to, P.TokenChunk(
+                rid, [], "", "error", error="the prefill worker stopped while handing the request over (KV lease "
+                "expired); retry the request", worker_id=self.id)))
+
+    async def _on_release(self, msg: Any) -> None:
+        rid = P.Release.decode(msg.data).request_id
+        if self.leases.pop(rid, None) is None:
+            return
+        if self.receiver is not None:
+            self.receiver.forget(rid)
+        await self.aengine.call(self.engine.unreserve, rid)
 
     async def _on_handoff(self, msg: Any) -> None:
         h = P.Handoff.decode(msg.data)
         req = P.GenerateRequest(**h.request)
         rid = req.request_id
+        self.leases.pop(rid, None)  # arrived: whatever happens now, the prefill worker hears of it in the Ack
         if self.receiver is not None:
             # nixl: the sender saw its WRITE complete; its notification (sent after the data) is the receiving
             # side's own proof that every block is in. nats acks every chunk, so it is complete already.
