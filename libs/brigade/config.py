@@ -38,6 +38,8 @@ class GatewayConfig:
     request_timeout: float = 600.0  # whole request, seconds
     token_timeout: float = 60.0  # longest silence between two token messages
     route_timeout: float = 5.0
+    worker_timeout: float = 3.0  # a worker silent this long is dead: its requests are replayed elsewhere
+    max_replays: int = 2  # per choice; then the client gets the error
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ class TokenChunk(Message):
     logprobs: list[Any] | None = None
     worker_id: str = ""
     error: str | None = None
+    retry: bool = False  # the error is the serving path's, not the request's: the gateway may replay it elsewhere
 
 
 @dataclass

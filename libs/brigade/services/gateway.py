@@ -40,6 +40,8 @@ from brigade.config import GatewayConfig
 from brigade.model.tokenizer import Tokenizer
 
 log = logging.getLogger("brigade.gateway")
+_REPLAY = b"replay"  # a queue item (by identity): the worker serving that choice is gone; replay it
+WATCH_PERIOD_S = 0.5
 
 # Bucket edges as vLLM uses them, so its dashboards read these histograms unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -73,6 +75,8 @@ class Metrics:
         self.failed = Counter("brigade:requests_failed", "Requests that failed during generation", ["code"],
                               registry=r)
         self.inflight = Gauge("brigade:gateway_requests_inflight", "Requests the gateway is serving", registry=r)
+        self.replayed = Counter("brigade:requests_replayed", "Choices moved to another worker mid-generation, by why",
+                                ["reason"], registry=r)
         self.model_name = model_name
 
     def success(self, reason: str) -> None:
@@ -98,6 +102,11 @@ class Flow:
         self.created = int(time.time())
         self.request_ids = [f"{self.id}-{i}" for i in range(req.num_choices)]
         self.finished = [False] * req.num_choices
+        # Per choice, for replay (DESIGN §3.6): its inbox, the worker serving it, the tokens it has so far.
+        self.inboxes: list[str] = []
+        self.worker = [""] * req.num_choices
+        self.output: list[list[int]] = [[] for _ in range(req.num_choices)]
+        self.replays = [0] * req.num_choices
         self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.subs: list[Subscription] = []
         self.closed = False
@@ -112,6 +121,7 @@ class Flow:
                 # Subscribed before the request leaves, so no token can arrive ahead of the subscription.
                 self.subs.append(await self.gw.bus.subscribe(inbox, self._on_message(i)))
                 inboxes.append(inbox)
+            self.inboxes = inboxes
         except Exception as e:  # a closed connection: nats-py raises its own types
             raise api.ApiError(503, f"bus unavailable ({e})", code="no_worker_available") from e
         results = await asyncio.gather(*(self._route(i, inbox) for i, inbox in enumerate(inboxes)),
@@ -138,7 +148,7 @@ class Flow:
         gw = self.gw
         msg = P.GenerateRequest(self.request_ids[index], list(self.req.prompt_of(index).ids),
                                 asdict(self.req.choice_params(index)), inbox, model=self.req.model,
-                                arrival=time.time())
+                                arrival=time.time(), output_ids=list(self.output[index]))
         try:
             accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout,
                                                               headers=tracing.headers(self.span)))
@@ -149,6 +159,32 @@ class Flow:
         if accepted.code != 200:
             raise api.ApiError(503, f"no worker available ({accepted.error or accepted.code})",
                                code="no_worker_available")
+        self._serving(index, accepted.worker_id)
+
+    def _serving(self, index: int, worker: str) -> None:
+        """Choice `index` is on `worker` now; a worker we have not heard from yet gets its timeout from here."""
+        self.worker[index] = worker
+        self.gw.seen.setdefault(worker, asyncio.get_running_loop().time())
+
+    async def replay(self, index: int, reason: str) -> None:
+        """Send choice `index` again, with the tokens it already has, to whichever worker the router picks.
+
+        A new request id, so that anything still coming from the old worker is ignored; seeded sampling is a
+        function of (seed, position), so the continuation is the one the old worker would have produced.
+        """
+        if self.replays[index] >= self.gw.config.max_replays:
+            raise api.ApiError(503, f"generation lost its worker {self.replays[index] + 1} times ({reason})",
+                               code="worker_lost")
+        old = self.request_ids[index]
+        self.replays[index] += 1
+        self.request_ids[index] = f"{self.id}-{index}-r{self.replays[index]}"
+        self.worker[index] = ""
+        self.gw.metrics.replayed.labels(reason).inc()
+        self.span.add_event("replayed", {"reason": reason, "choice": index, "tokens": len(self.output[index])})
+        log.warning("%s: replaying on another worker after %d tokens (%s)", old, len(self.output[index]), reason)
+        with contextlib.suppress(Exception):  # the old worker may still be alive (only slow): stop it
+            await self.gw.bus.publish(P.CANCEL, P.Cancel(old))
+        await self._route(index, self.inboxes[index])
 
     async def events(self) -> AsyncIterator[tuple[int, P.TokenChunk]]:
         """(choice index, chunk) until every choice has finished; ApiError on a worker error or a timeout."""
@@ -174,6 +210,11 @@ class Flow:
                     raise api.ApiError(504, f"no tokens for {cfg.token_timeout}s", code="timeout") from None
             if index < 0:
                 raise api.ApiError(503, "the server is shutting down", code="shutting_down")
+            if data is _REPLAY:
+                if not self.finished[index]:
+                    await self.replay(index, "worker_lost")
+                    last[index] = loop.time()
+                continue
             try:
                 chunk = P.TokenChunk.decode(data)
             except P.ProtocolError as e:
@@ -181,9 +222,16 @@ class Flow:
             if chunk.request_id != self.request_ids[index] or self.finished[index]:
                 continue  # a stray message (e.g. a late one after finish): not ours to show
             if chunk.error:
+                if chunk.retry and self.replays[index] < self.gw.config.max_replays:
+                    await self.replay(index, "handoff_lost")
+                    last[index] = loop.time()
+                    continue
                 self.finished[index] = True  # the worker has already dropped it: nothing to cancel
                 raise api.ApiError(500, f"generation failed: {chunk.error}", code="worker_error")
             now = loop.time()
+            if chunk.worker_id and chunk.worker_id != self.worker[index]:
+                self._serving(index, chunk.worker_id)  # e.g. the decode worker, after a handoff
+            self.output[index].extend(chunk.token_ids)
             if chunk.token_ids:
                 if seen[index]:
                     metrics.itl.observe(now - last[index])
@@ -271,6 +319,37 @@ class Gateway:
         self.tasks: set[asyncio.Task[None]] = set()
         self.flows: set[Flow] = set()
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
+        self.seen: dict[str, float] = {}  # worker id -> loop time of its last heartbeat
+        self.stopping: set[str] = set()
+
+    async def start(self) -> None:
+        """Watch the workers' heartbeats, so requests on a worker that dies are replayed elsewhere."""
+        await self.bus.subscribe(P.HEARTBEAT, self._on_status)
+        self.spawn(self._watch())
+
+    async def _on_status(self, msg: Msg) -> None:
+        st = P.WorkerStatus.decode(msg.data)
+        self.seen[st.worker_id] = asyncio.get_running_loop().time()
+        if st.stopping:
+            self.stopping.add(st.worker_id)
+        else:
+            self.stopping.discard(st.worker_id)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            now = loop.time()
+            gone = {w for w, t in self.seen.items() if now - t > self.config.worker_timeout} | self.stopping
+            if not gone:
+                continue
+            for flow in self.flows:
+                for i, w in enumerate(flow.worker):
+                    if w in gone and not flow.finished[i]:
+                        flow.worker[i] = ""  # one replay per loss
+                        flow.queue.put_nowait((i, _REPLAY))
+            for w in gone - self.stopping:
+                del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -505,6 +584,7 @@ async def serve(config: GatewayConfig) -> None:
     bus = await Bus.connect(config.nats, "gateway")
     app = build_app(config, bus, tokenizer, max_model_len)
     gw: Gateway = app.state.gateway
+    await gw.start()
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, lifespan="off",
                                     timeout_graceful_shutdown=5, log_level="info"), on_exit=gw.shutdown)
     try:

@@ -320,7 +320,7 @@ class Worker:
         if reply_to and rid not in self.cancelled:
             self._spawn(self.bus.publish(reply_to, P.TokenChunk(
                 rid, [], "", "error", error="the prefill worker stopped while handing the request over (KV lease "
-                "expired); retry the request", worker_id=self.id)))
+                "expired)", worker_id=self.id, retry=True)))
 
     async def _on_release(self, msg: Any) -> None:
         rid = P.Release.decode(msg.data).request_id
