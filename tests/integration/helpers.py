@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from brigade import protocol as P
 from brigade.bus import Bus
@@ -32,3 +35,35 @@ async def heartbeats(nats: str, seconds: float = 1.2) -> list[P.WorkerStatus]:
 def latest(nats: str) -> dict[str, P.WorkerStatus]:
     """Each live worker's newest status."""
     return {st.worker_id: st for st in asyncio.run(heartbeats(nats))}
+
+
+class SubjectWatch:
+    """Watches a bus subject from a thread: `seen` lists the id in each message's subject (the third token, as
+    in brigade.worker.<id>.<verb>), and `act(id)` runs at once for the first one."""
+
+    def __init__(self, nats: str, subject: str, act: Callable[[str], None] = lambda worker: None) -> None:
+        self.seen: list[str] = []
+        ready, self._stop = threading.Event(), threading.Event()
+
+        async def watch() -> None:
+            bus = await Bus.connect(nats, "test-subject-watch")
+
+            async def on_msg(msg: Any) -> None:
+                self.seen.append(msg.subject.split(".")[2])
+                if len(self.seen) == 1:
+                    act(self.seen[0])
+
+            await bus.subscribe(subject, on_msg)
+            await bus.flush()
+            ready.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+            await bus.close()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(watch(),), daemon=True)
+        self._thread.start()
+        assert ready.wait(10), f"could not subscribe to {subject}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, latest
+from helpers import SubjectWatch, free_port, latest
 from netns import Netns, NetnsUnavailable
 from prometheus_client.parser import text_string_to_metric_families
 
 from brigade import protocol as P
-from brigade.bus import Bus
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 from brigade.launcher import Up, UpConfig
@@ -145,40 +142,6 @@ def _proc(up: Up, name: str) -> subprocess.Popen[bytes]:
     return next(p for n, p in up.procs if n == name)
 
 
-class AllocateWatch:
-    """Calls `on_allocate(decode_worker_id)` from a thread as soon as an Allocate is published on the bus: the
-    moment a prefill worker starts handing a request's KV to that decode worker."""
-
-    def __init__(self, nats: str, on_allocate: Callable[[str], None]) -> None:
-        self.seen: list[str] = []
-        self.ready = threading.Event()
-        self.stop = threading.Event()
-
-        async def watch() -> None:
-            bus = await Bus.connect(nats, "test-allocate-watch")
-
-            async def on_msg(msg: Any) -> None:
-                worker = msg.subject.split(".")[2]  # brigade.worker.<id>.allocate
-                self.seen.append(worker)
-                if len(self.seen) == 1:
-                    on_allocate(worker)
-
-            await bus.subscribe(P.worker_allocate("*"), on_msg)
-            await bus.flush()
-            self.ready.set()
-            while not self.stop.is_set():
-                await asyncio.sleep(0.05)
-            await bus.close()
-
-        self.thread = threading.Thread(target=asyncio.run, args=(watch(),), daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
-
 def _stream(up: Up, prompt: str, max_tokens: int = 40) -> tuple[str, str | None]:
     """One streamed completion: the text received and the in-band error, if any."""
     body = {"model": "llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -221,7 +184,7 @@ def test_decode_killed_mid_transfer_falls_back(faulty: Up, reference: Engine) ->
         p.send_signal(signal.SIGSTOP)  # a hung host: the transfer has no one to answer it
         threading.Timer(1.0, p.kill).start()
 
-    watch = AllocateWatch(nats, freeze_then_kill)
+    watch = SubjectWatch(nats, P.worker_allocate("*"), freeze_then_kill)
     try:
         text, error = _stream(faulty, prompt)
     finally:
@@ -243,7 +206,7 @@ def test_prefill_killed_mid_transfer_is_replayed_and_frees_blocks(faulty: Up, re
     prompt = PROMPT * 4
     want = _want(reference, prompt, 40)
     before = _kv_used(nats)
-    watch = AllocateWatch(nats, lambda worker: _proc(faulty, "prefill-0").kill())
+    watch = SubjectWatch(nats, P.worker_allocate("*"), lambda worker: _proc(faulty, "prefill-0").kill())
     t0 = time.monotonic()
     try:
         text, error = _stream(faulty, prompt)

@@ -3,19 +3,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import SubjectWatch, free_port
 
 from brigade import protocol as P
-from brigade.bus import Bus
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 from brigade.launcher import Up, UpConfig
@@ -35,37 +32,6 @@ def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
         u.stop()
 
 
-class FirstForward:
-    """Calls `act(worker_id)` from a thread when the router forwards the first request to a worker."""
-
-    def __init__(self, nats: str, act: Any) -> None:
-        self.seen: list[str] = []
-        ready, self.stop = threading.Event(), threading.Event()
-
-        async def watch() -> None:
-            bus = await Bus.connect(nats, "test-forward-watch")
-
-            async def on_msg(msg: Any) -> None:
-                self.seen.append(msg.subject.split(".")[2])  # brigade.worker.<id>.generate
-                if len(self.seen) == 1:
-                    act(self.seen[0])
-
-            await bus.subscribe(P.worker_generate("*"), on_msg)
-            await bus.flush()
-            ready.set()
-            while not self.stop.is_set():
-                await asyncio.sleep(0.05)
-            await bus.close()
-
-        self.thread = threading.Thread(target=asyncio.run, args=(watch(),), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
-
 @pytest.mark.parametrize("seed", [None, 7])
 def test_worker_killed_mid_stream_is_replayed(up: Up, tiny_models: dict[str, Path], seed: int | None) -> None:
     """Greedy and seeded sampling alike: the text equals what one uninterrupted engine produces."""
@@ -75,7 +41,7 @@ def test_worker_killed_mid_stream_is_replayed(up: Up, tiny_models: dict[str, Pat
     [want] = ref.generate([ref.tokenizer.encode(PROMPT)], params)
     assert up.nats is not None
 
-    watch = FirstForward(up.nats.url, lambda worker: None)  # learns which worker the router chose
+    watch = SubjectWatch(up.nats.url, P.worker_generate("*"))  # learns which worker the router chose
     body: dict[str, Any] = {"model": "llama", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}}
     body.update({"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed})
