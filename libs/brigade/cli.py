@@ -104,19 +104,16 @@ def _read_config(path: str) -> dict[str, Any]:
 def up_config(flags: Any) -> Any:
     """An UpConfig from `brigade up` flags (a list, or one string); a free port unless --port is given."""
     import shlex
-    import socket
+
+    from brigade.launcher import free_port
 
     argv = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
     try:
         a = parser().parse_args(["up", *argv])
     except SystemExit as e:  # argparse has printed why
         raise ValueError(f"bad up flags {argv}") from e
-    port = a.port
     if not any(f == "--port" or f.startswith("--port=") for f in argv):
-        with socket.socket() as s:  # a second system must not collide with anything already on 8000
-            s.bind((a.host, 0))
-            port = int(s.getsockname()[1])
-    a.port = port
+        a.port = free_port(a.host)  # a second system must not collide with anything already on 8000
     return _up_args(a)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,13 @@ class UpConfig:
     experts: int = 0  # MoE expert shards (`brigade experts`); 0: experts run inside the workers
     otlp: str = ""  # OTLP/HTTP endpoint for every service's traces (sets OTEL_EXPORTER_OTLP_ENDPOINT)
     metrics_port: int = 0  # >0: the router serves /metrics here, worker i (in command order) on the next ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a second system beside one already on 8000)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def split_cores(cores: list[int], processes: int) -> list[list[int]]:

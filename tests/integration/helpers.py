@@ -3,38 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from brigade import protocol as P
+from brigade.bench.compare import fleet, heartbeats
 from brigade.bus import Bus
+from brigade.launcher import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def heartbeats(nats: str, seconds: float = 1.2) -> list[P.WorkerStatus]:
-    """Every worker status published during the next `seconds` (workers beat every 0.5 s)."""
-    bus = await Bus.connect(nats, "test-heartbeats")
-    seen: list[P.WorkerStatus] = []
-
-    async def on_status(msg: object) -> None:
-        seen.append(P.WorkerStatus.decode(msg.data))  # type: ignore[attr-defined]
-
-    await bus.subscribe(P.HEARTBEAT, on_status)
-    await asyncio.sleep(seconds)
-    await bus.close()
-    return seen
+__all__ = ["SubjectWatch", "free_port", "heartbeats", "latest"]
 
 
 def latest(nats: str) -> dict[str, P.WorkerStatus]:
     """Each live worker's newest status."""
-    return {st.worker_id: st for st in asyncio.run(heartbeats(nats))}
+    return asyncio.run(fleet(nats))
 
 
 class SubjectWatch:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import torch
+from kv_data import SENTINEL, pattern, raw_bytes
 
 from brigade.bus import Bus
 from brigade.kv.transfer import (
@@ -24,8 +25,6 @@ from brigade.kv.transfer import (
 )
 from brigade.protocol import Ack, KvChunk, worker_kv
 
-SENTINEL = -7.0
-
 
 @asynccontextmanager
 async def _buses(url: str) -> AsyncIterator[tuple[Bus, Bus]]:
@@ -38,14 +37,6 @@ async def _buses(url: str) -> AsyncIterator[tuple[Bus, Bus]]:
         await decode.close()
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _pattern(layout: KvLayout, num_blocks: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    shape = (layout.layers, 2, num_blocks * layout.block_size, layout.kv_heads, layout.head_dim)
-    return torch.randn(shape, generator=g).to(layout.torch_dtype)
 
 
 @pytest.mark.parametrize("dtype,max_chunk", [("float32", None), ("float16", 20_000)], ids=["f32-1MiB", "f16-20KB"])
@@ -55,7 +46,7 @@ async def test_nats_transfer_many_chunks(nats_url: str, dtype: str, max_chunk: i
     rng = random.Random(1)
     src_blocks = rng.sample(range(320), n)
     dst_blocks = rng.sample(range(lay.num_blocks), n)
-    src = _pattern(lay, 320, seed=2)
+    src = pattern(lay, 320, seed=2)
     cache = torch.full(lay.shape, SENTINEL, dtype=lay.torch_dtype)
     async with _buses(nats_url) as (pbus, dbus):
         receiver = NatsReceiver()
@@ -71,14 +62,14 @@ async def test_nats_transfer_many_chunks(nats_url: str, dtype: str, max_chunk: i
         await receiver.stop()
     view, sview = lay.blocks_view(cache), lay.blocks_view(src, any_num_blocks=True)
     got = view[:, :, dst_blocks]
-    assert torch.equal(_bytes(got), _bytes(sview[:, :, src_blocks]))
+    assert torch.equal(raw_bytes(got), raw_bytes(sview[:, :, src_blocks]))
     untouched = sorted(set(range(lay.num_blocks)) - set(dst_blocks))
     assert view[:, :, untouched].eq(SENTINEL).all()
 
 
 async def test_nats_refuses_unregistered_blocks(nats_url: str) -> None:
     lay = KvLayout(layers=2, block_size=8, kv_heads=2, head_dim=16, dtype="float16", num_blocks=16)
-    src = _pattern(lay, 8, seed=4)
+    src = pattern(lay, 8, seed=4)
     cache = torch.full(lay.shape, SENTINEL, dtype=lay.torch_dtype)
     peer = PeerInfo("decode-2", "", lay)
     async with _buses(nats_url) as (pbus, dbus):
@@ -111,7 +102,7 @@ async def test_nats_refuses_unregistered_blocks(nats_url: str) -> None:
 
 async def test_nats_timeout_when_nobody_answers(nats_url: str) -> None:
     lay = KvLayout(layers=2, block_size=8, kv_heads=2, head_dim=16, dtype="float32", num_blocks=16)
-    src = _pattern(lay, 4, seed=6)
+    src = pattern(lay, 4, seed=6)
     async with _buses(nats_url) as (pbus, dbus):
         sender = NatsSender(pbus, timeout=0.3)
         with pytest.raises(TransferError, match="no responders"):  # nobody subscribed at all
@@ -160,14 +151,14 @@ async def test_cuda_ipc_transfer() -> None:
     p.start()
     try:
         handle = await asyncio.to_thread(parent.recv)
-        src = _pattern(lay, 8, seed=8).cuda()
+        src = pattern(lay, 8, seed=8).cuda()
         sender = CudaIpcSender()
         await sender.send("r", src, [1, 2, 7], PeerInfo("d", "", lay, cuda_ipc_handle=handle), [30, 4, 5])
         await sender.close()
         parent.send("done")
         cache = await asyncio.to_thread(parent.recv)
         view, sview = lay.blocks_view(cache), lay.blocks_view(src.cpu(), any_num_blocks=True)
-        assert torch.equal(_bytes(view[:, :, [30, 4, 5]]), _bytes(sview[:, :, [1, 2, 7]]))
+        assert torch.equal(raw_bytes(view[:, :, [30, 4, 5]]), raw_bytes(sview[:, :, [1, 2, 7]]))
         assert not view[:, :, [0, 1, 2, 3, 6, 31]].any()
     finally:
         p.join(60)
@@ -184,7 +175,7 @@ async def test_throughput_report(nats_url: str) -> None:
     rng = random.Random(3)
     src_blocks = rng.sample(range(600), n)
     dst_blocks = rng.sample(range(lay.num_blocks), n)
-    src = _pattern(lay, 600, seed=1)
+    src = pattern(lay, 600, seed=1)
     nbytes = n * lay.bytes_per_block
     a, b = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
     b.copy_(a)
@@ -205,8 +196,8 @@ async def test_throughput_report(nats_url: str) -> None:
             await sender.send(f"warm{i}", src, src_blocks, peer, dst_blocks)
         shm_warm = _gbps(3 * nbytes, time.perf_counter() - t0)
         view = lay.blocks_view(cache)
-        assert torch.equal(_bytes(view[:, :, dst_blocks]),
-                           _bytes(lay.blocks_view(src, any_num_blocks=True)[:, :, src_blocks]))
+        assert torch.equal(raw_bytes(view[:, :, dst_blocks]),
+                           raw_bytes(lay.blocks_view(src, any_num_blocks=True)[:, :, src_blocks]))
     finally:
         await sender.close()
         shm.close()

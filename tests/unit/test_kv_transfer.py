@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from kv_data import SENTINEL, pattern, raw_bytes
 
 from brigade.kv.transfer import (
     KvLayout,
@@ -27,19 +28,8 @@ LAYOUTS = [
     KvLayout(layers=2, block_size=16, kv_heads=2, head_dim=16, dtype="float32", num_blocks=24),
     KvLayout(layers=2, block_size=8, kv_heads=2, head_dim=16, dtype="float16", num_blocks=24),
 ]
-SENTINEL = -7.0
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """Raw bytes, so comparisons are exact (no 0.0 == -0.0, no NaN issues)."""
-    return t.contiguous().view(torch.uint8)
-
-
-def _pattern(layout: KvLayout, num_blocks: int, seed: int) -> torch.Tensor:
-    """A cache in runner shape with reproducible random contents."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (layout.layers, 2, num_blocks * layout.block_size, layout.kv_heads, layout.head_dim)
-    return torch.randn(shape, generator=g).to(layout.torch_dtype)
 
 
 def test_layout() -> None:
@@ -73,7 +63,7 @@ def test_copy_blocks_any_dtype(dtype: torch.dtype, shape: tuple[int, ...]) -> No
     dst = torch.full_like(src, SENTINEL)
     copy_blocks(src, [0, 1, 3], dst, [5, 2, 3])
     for s, d in [(0, 5), (1, 2), (3, 3)]:
-        assert torch.equal(_bytes(dst[:, :, d]), _bytes(src[:, :, s]))
+        assert torch.equal(raw_bytes(dst[:, :, d]), raw_bytes(src[:, :, s]))
     assert dst[:, :, [0, 1, 4]].eq(SENTINEL).all()
     with pytest.raises(IndexError):
         copy_blocks(src, [0], dst, [shape[2]])
@@ -104,7 +94,7 @@ def _spawned_writer(name: str, layout: dict, blocks: list[int], seed: int) -> No
     """Child process: attach to the owner's cache and write `blocks` from a seeded pattern."""
     lay = KvLayout.from_dict(layout)
     cache, shm = shared_cache(name, lay.shape, lay.torch_dtype, create=False)
-    src = lay.blocks_view(_pattern(lay, lay.num_blocks, seed))
+    src = lay.blocks_view(pattern(lay, lay.num_blocks, seed))
     copy_blocks(src, blocks, lay.blocks_view(cache), blocks)
     del cache
     shm.close()
@@ -120,11 +110,11 @@ def test_shared_cache_across_spawned_process() -> None:
         p.start()
         p.join(60)
         assert p.exitcode == 0
-        want = lay.blocks_view(_pattern(lay, lay.num_blocks, 11))
+        want = lay.blocks_view(pattern(lay, lay.num_blocks, 11))
         view = lay.blocks_view(cache)
         for b in range(lay.num_blocks):
             if b in blocks:
-                assert torch.equal(_bytes(view[:, :, b]), _bytes(want[:, :, b])), b
+                assert torch.equal(raw_bytes(view[:, :, b]), raw_bytes(want[:, :, b])), b
             else:
                 assert view[:, :, b].eq(SENTINEL).all(), b
         # The child's exit left the segment in place.
@@ -178,7 +168,7 @@ async def test_shm_sender_scattered_blocks(lay: KvLayout) -> None:
     sender = ShmSender()
     try:
         cache.fill_(SENTINEL)
-        src = _pattern(lay, 12, seed=3)  # the prefill worker's pool is smaller than the decode worker's
+        src = pattern(lay, 12, seed=3)  # the prefill worker's pool is smaller than the decode worker's
         src_blocks = [7, 2, 3, 4, 11, 0]
         dst_blocks = [20, 5, 6, 7, 1, 13]  # scattered, with one consecutive run on both sides (3,4 -> 6,7)
         peer = PeerInfo("decode-1", shm.name, lay)
@@ -187,14 +177,14 @@ async def test_shm_sender_scattered_blocks(lay: KvLayout) -> None:
         for b in range(lay.num_blocks):
             if b in dst_blocks:
                 s = src_blocks[dst_blocks.index(b)]
-                assert torch.equal(_bytes(view[:, :, b]), _bytes(sview[:, :, s])), b
+                assert torch.equal(raw_bytes(view[:, :, b]), raw_bytes(sview[:, :, s])), b
             else:
                 assert view[:, :, b].eq(SENTINEL).all(), b
         # A second send reuses the attachment.
         attached = sender._peers["decode-1"].shm
         await sender.send("r2", src, [1], peer, [2])
         assert sender._peers["decode-1"].shm is attached
-        assert torch.equal(_bytes(view[:, :, 2]), _bytes(sview[:, :, 1]))
+        assert torch.equal(raw_bytes(view[:, :, 2]), raw_bytes(sview[:, :, 1]))
     finally:
         await sender.close()
         shm.close()
@@ -202,19 +192,19 @@ async def test_shm_sender_scattered_blocks(lay: KvLayout) -> None:
 
 async def test_shm_sender_reattaches_after_restart() -> None:
     lay = LAYOUTS[0]
-    src = _pattern(lay, 4, seed=5)
+    src = pattern(lay, 4, seed=5)
     sview = lay.blocks_view(src, any_num_blocks=True)
     sender = ShmSender()
     first, shm1 = shared_cache(None, lay.shape, lay.torch_dtype, create=True)
     name = shm1.name
     await sender.send("r1", src, [0], PeerInfo("d", name, lay), [0])
-    assert torch.equal(_bytes(lay.blocks_view(first)[:, :, 0]), _bytes(sview[:, :, 0]))
+    assert torch.equal(raw_bytes(lay.blocks_view(first)[:, :, 0]), raw_bytes(sview[:, :, 0]))
     shm1.close()
     # The decode worker restarts and recreates a segment under the same name: writes must reach the new one.
     second, shm2 = shared_cache(name, lay.shape, lay.torch_dtype, create=True)
     try:
         await sender.send("r2", src, [1], PeerInfo("d", name, lay), [3])
-        assert torch.equal(_bytes(lay.blocks_view(second)[:, :, 3]), _bytes(sview[:, :, 1]))
+        assert torch.equal(raw_bytes(lay.blocks_view(second)[:, :, 3]), raw_bytes(sview[:, :, 1]))
     finally:
         shm2.close()
     with pytest.raises(TransferError, match="gone"):
@@ -226,7 +216,7 @@ async def test_shm_sender_rejects_bad_requests() -> None:
     lay = LAYOUTS[0]
     cache, shm = shared_cache(None, lay.shape, lay.torch_dtype, create=True)
     sender = ShmSender()
-    src = _pattern(lay, 4, seed=1)
+    src = pattern(lay, 4, seed=1)
     peer = PeerInfo("d", shm.name, lay)
     try:
         with pytest.raises(TransferError, match="source blocks"):
@@ -269,7 +259,7 @@ def test_random_scatter_matches_reference() -> None:
     # Many random block maps against an advanced-indexing reference.
     rng = random.Random(0)
     lay = LAYOUTS[1]
-    src = lay.blocks_view(_pattern(lay, lay.num_blocks, seed=9))
+    src = lay.blocks_view(pattern(lay, lay.num_blocks, seed=9))
     for _ in range(20):
         n = rng.randint(1, lay.num_blocks)
         sb = rng.sample(range(lay.num_blocks), n)
@@ -278,4 +268,4 @@ def test_random_scatter_matches_reference() -> None:
         ref = dst.clone()
         ref[:, :, db] = src[:, :, sb]
         copy_blocks(src, sb, dst, db)
-        assert torch.equal(_bytes(dst), _bytes(ref))
+        assert torch.equal(raw_bytes(dst), raw_bytes(ref))

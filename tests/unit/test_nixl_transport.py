@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from kv_data import SENTINEL, pattern
 
 from brigade.kv import nixl as nixl_kv
 from brigade.kv.nixl import NixlPeer, NixlReceiver, NixlSender
@@ -25,7 +26,6 @@ needs_nixl = pytest.mark.skipif(importlib.util.find_spec("nixl") is None,
                                 reason="nixl not installed: " + nixl_kv.INSTALL_HINT)
 
 LAYOUT = KvLayout(layers=2, block_size=16, kv_heads=2, head_dim=16, dtype="float32", num_blocks=16)
-SENTINEL = -7.0
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +34,7 @@ def _loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _src(num_blocks: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    lay = LAYOUT
-    return torch.randn((lay.layers, 2, num_blocks * lay.block_size, lay.kv_heads, lay.head_dim), generator=g)
+    return pattern(LAYOUT, num_blocks, seed)
 
 
 def _expected(src: torch.Tensor, moves: list[tuple[list[int], list[int]]]) -> torch.Tensor:

@@ -20,19 +20,23 @@ from brigade.bench.workloads import Request, build
 from brigade.bus import Bus
 
 
-async def fleet(nats_url: str, seconds: float = 1.2) -> dict[str, P.WorkerStatus]:
-    """Each live worker's newest heartbeat (workers beat every 0.5 s)."""
-    bus = await Bus.connect(nats_url, "bench-fleet")
-    seen: dict[str, P.WorkerStatus] = {}
+async def heartbeats(nats_url: str, seconds: float = 1.2) -> list[P.WorkerStatus]:
+    """Every worker status published during the next `seconds` (workers beat every 0.5 s)."""
+    bus = await Bus.connect(nats_url, "bench-heartbeats")
+    seen: list[P.WorkerStatus] = []
 
     async def on_status(msg: Any) -> None:
-        st = P.WorkerStatus.decode(msg.data)
-        seen[st.worker_id] = st
+        seen.append(P.WorkerStatus.decode(msg.data))
 
     await bus.subscribe(P.HEARTBEAT, on_status)
     await asyncio.sleep(seconds)
     await bus.close()
     return seen
+
+
+async def fleet(nats_url: str, seconds: float = 1.2) -> dict[str, P.WorkerStatus]:
+    """Each live worker's newest heartbeat."""
+    return {st.worker_id: st for st in await heartbeats(nats_url, seconds)}
 
 
 def fleet_stats(before: dict[str, P.WorkerStatus], after: dict[str, P.WorkerStatus],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
-from brigade.launcher import Up, UpConfig
+from brigade.launcher import Up, UpConfig, free_port
 
 
 @dataclass
@@ -55,10 +54,7 @@ def _inprocess(model: str, n: int, prompt_tokens: int) -> list[float]:
 
 
 def _service(model: str, n: int, prompt_tokens: int) -> list[float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    up = Up(UpConfig(model=model, port=port, worker_args=("--num-blocks", "512")))
+    up = Up(UpConfig(model=model, port=free_port(), worker_args=("--num-blocks", "512")))
     url = up.start()
     name = os.path.basename(model.rstrip("/"))
     out = []

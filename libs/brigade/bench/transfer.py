@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -196,7 +197,7 @@ def handoff_latency(model_dir: str, transports: tuple[str, ...] = ("shm", "nats"
 
     import httpx
 
-    from brigade.launcher import Up, UpConfig
+    from brigade.launcher import Up, UpConfig, free_port
 
     vocab = load_config(model_dir).vocab_size
     served = os.path.basename(model_dir.rstrip("/"))
@@ -206,12 +207,7 @@ def handoff_latency(model_dir: str, transports: tuple[str, ...] = ("shm", "nats"
     systems += [(f"disagg {t}", UpConfig(model=model_dir, port=0, mode="disagg", kv_transport=t)) for t in transports]
     out: list[dict[str, float | str]] = []
     for name, cfg in systems:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            cfg = UpConfig(**{**cfg.__dict__, "port": int(s.getsockname()[1])})
-        up = Up(cfg)
+        up = Up(dataclasses.replace(cfg, port=free_port()))
         firsts, gaps = [], []
         try:
             url = up.start(timeout=300)

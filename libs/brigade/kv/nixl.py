@@ -38,7 +38,7 @@ import msgpack
 import numpy as np
 import torch
 
-from brigade.kv.transfer import KvLayout, PeerInfo, TransferError, _check_blocks
+from brigade.kv.transfer import KvLayout, PeerInfo, TransferError, _check_blocks, check_expected
 
 log = logging.getLogger("brigade.kv.nixl")
 
@@ -246,10 +246,7 @@ class NixlReceiver:
 
     def expect(self, request_id: str, block_ids: Sequence[int]) -> None:
         """Count writes of `request_id` into `block_ids` (the blocks allocated for it)."""
-        assert self._layout is not None, "start() first"
-        n = self._layout.num_blocks
-        if any(not 0 <= b < n for b in block_ids):
-            raise ValueError(f"block ids out of range [0, {n}): {list(block_ids)}")
+        check_expected(self._layout, block_ids)
         with self._lock:
             self._expected[request_id] = frozenset(block_ids)
             self._received[request_id] = set()

@@ -205,6 +205,14 @@ def _check_blocks(src_view: torch.Tensor, src_blocks: Sequence[int], layout: KvL
         raise TransferError(f"duplicate destination blocks: {list(dst_blocks)}")
 
 
+def check_expected(layout: KvLayout | None, block_ids: Sequence[int]) -> None:
+    """For a receiver's allowlist: ValueError unless every id is a block of its pool."""
+    assert layout is not None, "start() first"
+    n = layout.num_blocks
+    if any(not 0 <= b < n for b in block_ids):
+        raise ValueError(f"block ids out of range [0, {n}): {list(block_ids)}")
+
+
 # ---- shared memory ----------------------------------------------------------------------------------
 
 
@@ -665,10 +673,7 @@ class NatsReceiver:
 
     def expect(self, request_id: str, block_ids: Sequence[int]) -> None:
         """Allow chunks of `request_id` into `block_ids` (the blocks allocated for it)."""
-        assert self._layout is not None, "start() first"
-        n = self._layout.num_blocks
-        if any(not 0 <= b < n for b in block_ids):
-            raise ValueError(f"block ids out of range [0, {n}): {list(block_ids)}")
+        check_expected(self._layout, block_ids)
         with self._lock:
             self._expected[request_id] = frozenset(block_ids)
             self._received[request_id] = set()

@@ -247,7 +247,8 @@ class Worker:
                     log.debug("release of %s on %s failed: %s", rid, dest, release_error)
             await self._fallback(req, first)
         finally:
-            span.end()  # a second end is ignored
+            if span.is_recording():  # not ended yet: the transfer failed or never started
+                span.end()
             self.active.pop(rid, None)
             self._end_trace(rid, error)
             await self.aengine.call(self.engine.release, rid)
