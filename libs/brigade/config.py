@@ -83,6 +83,7 @@ class WorkerConfig:
     hash_seed: int = 0
     experts: int = 0  # MoE expert shards (`brigade experts`) to run the experts on; 0: experts run locally
     experts_timeout: float = 5.0  # seconds a layer's expert dispatch may take before the step fails
+    experts_direct: bool = True  # shards on this host over their Unix sockets (experts/channel.py), not the bus
     metrics_port: int = 0  # Prometheus /metrics on this port (expert load with remote experts); 0: off
 
 
@@ -100,6 +101,7 @@ class ExpertsConfig:
     cpus: str = ""  # cores to pin to, e.g. "1"; empty: leave affinity alone
     heartbeat_s: float = 0.5
     metrics_port: int = 0  # Prometheus /metrics on this port; 0: off
+    direct: bool = True  # also serve workers on this host over a Unix socket (experts/channel.py)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:

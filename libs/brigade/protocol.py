@@ -273,6 +273,7 @@ class ExpertsStatus(Message):
     experts: list[list[int]] = field(default_factory=list)  # per MoE layer: expert ids held here
     dtype: str = "float32"
     host: str = ""
+    socket: str = ""  # Unix socket of the direct data plane (experts/channel.py), for workers on `host`
     metrics_port: int = 0
     served: int = 0  # dispatches answered since start
     time: float = 0.0
@@ -295,6 +296,7 @@ class ExpertsDispatch(Message):
     token: bytes
     expert: bytes
     weight: bytes
+    trace: dict[str, str] = field(default_factory=dict)  # W3C context, where no bus headers carry it (channel)
 
 
 @dataclass

@@ -85,14 +85,16 @@ def _count(registry: object, layer: int, expert: int, **labels: str) -> float:
     return v or 0.0
 
 
-@pytest.mark.parametrize("n,placement", [(2, ""), (4, ""), (2, "0-2;1-3")])
+@pytest.mark.parametrize("n,placement,direct", [(2, "", True), (4, "", True), (2, "0-2;1-3", True),
+                                                (2, "", False), (2, "0-2;1-3", False)])
 async def test_sharded_experts_match_local_and_transformers(nats_url: str, tiny_models: dict[str, Path], n: int,
-                                                            placement: str) -> None:
+                                                            placement: str, direct: bool) -> None:
+    """`direct`: shards over their Unix sockets (the one-host data plane); else every dispatch over the bus."""
     model = tiny_models["mixtral"]
     prompt_ids, want = _local(model)
     services = await _start_shards(nats_url, model, n, placement)
     bus = await Bus.connect(nats_url, "test-moe-worker")
-    remote = await RemoteExperts.create(bus, str(model), timeout=5.0)
+    remote = await RemoteExperts.create(bus, str(model), timeout=5.0, direct=direct)
     try:
         assert await remote.wait_ready(10)
         engine = await asyncio.to_thread(lambda: Engine(EngineConfig(model=str(model), num_blocks=64), experts=remote))
@@ -119,6 +121,7 @@ async def test_sharded_experts_match_local_and_transformers(nats_url: str, tiny_
     # Bytes: each (token, shard) pair once, both ways, at most hidden x top-k x 2 x 4 bytes per token (+10%),
     # not counting each message's fixed envelope (which weighs at hidden 64; bench/moe.py measures hidden 512).
     st = remote.stats
+    assert st.direct == (st.messages if direct else 0)
     bound = cfg.hidden_size * cfg.num_experts_per_tok * 2 * 4 * 1.1
     assert (st.bytes_out + st.bytes_in - 2 * st.messages * ENVELOPE) / st.tokens <= bound
 
@@ -131,13 +134,14 @@ def _spawn_shard(url: str, model: Path, i: int, n: int, metrics_port: int = 0) -
     return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "BRIGADE_LOG": "WARNING"})
 
 
-@pytest.fixture()
-async def worker(nats_url: str, tiny_models: dict[str, Path]) -> AsyncIterator[tuple[Worker, RemoteExperts]]:
+@pytest.fixture(params=[True, False], ids=["direct", "bus"])
+async def worker(nats_url: str, tiny_models: dict[str, Path],
+                 request: pytest.FixtureRequest) -> AsyncIterator[tuple[Worker, RemoteExperts]]:
     model = tiny_models["mixtral"]
     cfg = WorkerConfig(nats=nats_url, model=str(model), worker_id=f"moe-{uuid.uuid4().hex[:6]}", experts=2,
-                       experts_timeout=2.0, num_blocks=64, heartbeat_s=0.2)
+                       experts_timeout=2.0, num_blocks=64, heartbeat_s=0.2, experts_direct=request.param)
     bus = await Bus.connect(nats_url, "test-moe-worker")
-    remote = await RemoteExperts.create(bus, str(model), timeout=cfg.experts_timeout)
+    remote = await RemoteExperts.create(bus, str(model), timeout=cfg.experts_timeout, direct=cfg.experts_direct)
     engine = await asyncio.to_thread(lambda: Engine(EngineConfig(model=str(model), num_blocks=64), experts=remote))
     w = Worker(cfg, bus, engine)
     await w.start()

@@ -245,11 +245,19 @@ def test_engine_with_sharded_experts_matches_local(tiny_models: dict[str, Path],
 
 
 # ---- command line ------------------------------------------------------------------------------------
-def test_up_starts_pinned_shards_and_points_workers_at_them() -> None:
+def test_up_starts_pinned_shards_and_points_workers_at_them(monkeypatch: pytest.MonkeyPatch) -> None:
     from brigade.cli import parser
-    from brigade.launcher import UpConfig, commands
+    from brigade.launcher import MOE_SPINCOUNT, UpConfig, commands
 
-    cmds = {name: argv for name, argv, _ in commands(UpConfig(decode=1, experts=2), "nats://x", "/m")}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    out = commands(UpConfig(decode=1, experts=2), "nats://x", "/m")
+    cmds = {name: argv for name, argv, _ in out}
+    envs = {name: env for name, _, env in out}
+    # Processes that share cores with shards spin their OpenMP threads briefly; without shards, libgomp's default.
+    assert envs["decode-0"]["GOMP_SPINCOUNT"] == envs["experts-0"]["GOMP_SPINCOUNT"] == MOE_SPINCOUNT
+    assert all("GOMP_SPINCOUNT" not in env for _, _, env in commands(UpConfig(decode=2), "nats://x", "/m"))
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's own setting wins
+    assert all("GOMP_SPINCOUNT" not in env for _, _, env in commands(UpConfig(decode=1, experts=2), "nats://x", "/m"))
     assert {"experts-0", "experts-1", "decode-0"} <= set(cmds)
     shard = cmds["experts-1"]
     assert shard[shard.index("--shard") + 1] == "1/2" and "--cpus" in shard and "--threads" in shard

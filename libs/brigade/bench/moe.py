@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from brigade.bus import Bus
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 from brigade.experts.remote import RemoteExperts
+from brigade.launcher import spin_env
 from brigade.model.config import load_config
 from brigade.nats_server import NatsServer
 from brigade.procs import terminate
@@ -51,8 +53,23 @@ class DecodeRun:
     payload_per_token_layer: float = 0.0  # bytes on the bus (both directions), per token per MoE layer
     framing_per_token_layer: float = 0.0  # estimated NATS protocol lines on top
     dispatch_share: float = 0.0  # (executor time - shard compute) / step time
-    expert_share: float = 0.0  # slowest shard's compute / step time
+    expert_share: float = 0.0  # slowest shard's compute (local: the experts) / step time
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Timed:
+    """An MoE executor wrapper that adds up the time spent in it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.inner(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 class LoopThread:
@@ -95,10 +112,11 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     terminate(procs)
 
 
-def connect_remote(lt: LoopThread, url: str, model: Path, timeout: float = 30.0) -> tuple[Bus, RemoteExperts]:
+def connect_remote(lt: LoopThread, url: str, model: Path, timeout: float = 30.0,
+                   direct: bool = True) -> tuple[Bus, RemoteExperts]:
     async def go() -> tuple[Bus, RemoteExperts]:
         bus = await Bus.connect(url, "bench-moe")
-        remote = await RemoteExperts.create(bus, str(model), timeout=timeout)
+        remote = await RemoteExperts.create(bus, str(model), timeout=timeout, direct=direct)
         if not await remote.wait_ready(120):
             raise RuntimeError("expert shards did not announce themselves")
         return bus, remote
@@ -162,17 +180,23 @@ def decode(engine: Engine, name: str, batch: int, prompt_len: int, steps: int,
     while any(s.num_computed < s.num_prompt for s in engine.scheduler.running + list(engine.scheduler.waiting)):
         engine.step()  # prefill
     engine.step()  # warm-up decode
+    local = None
     if remote is not None:
         remote.reset_stats()
+    else:
+        local = engine.model.experts = Timed(engine.model.experts)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
+    expert_s = local.seconds if local is not None else 0.0
     while engine.has_unfinished():
         engine.step()
     step = statistics.median(times)
     run = DecodeRun(name, batch, steps, step, batch / step)
+    if local is not None:
+        run.expert_share = expert_s / sum(times)
     if remote is not None:
         st, layers = remote.stats, engine.model.cfg.num_layers
         total = sum(times)
@@ -180,9 +204,42 @@ def decode(engine: Engine, name: str, batch: int, prompt_len: int, steps: int,
         run.framing_per_token_layer = FRAMING_PER_MESSAGE * st.messages / st.tokens
         run.dispatch_share = (st.wall_s - st.compute_s) / total
         run.expert_share = st.compute_s / total
-        run.extra = {"messages_per_step": st.messages / steps, "layers": layers,
+        run.extra = {"messages_per_step": st.messages / steps, "direct_per_step": st.direct / steps, "layers": layers,
                      "rows_per_token_layer": (st.bytes_in / st.tokens) / (engine.model.cfg.hidden_size * 4)}
     return run
+
+
+DECODE_RUNS = {"single": "single", "direct": "2 shards", "bus": "2 shards, bus"}
+
+
+def decode_child(kind: str, url: str, model: Path, batch: int, prompt_len: int, steps: int) -> DecodeRun:
+    """`decode_one` in a fresh process: its OpenMP settings are the deployed ones, not this process's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "run.json"
+        argv = [sys.executable, "-m", "brigade.bench.moe", "--decode-only", kind, "--nats", url, "--model", str(model),
+                "--batch", str(batch), "--prompt-len", str(prompt_len), "--steps", str(steps), "--out", str(result)]
+        # A worker whose experts are remote spins its OpenMP threads briefly, as `brigade up` starts it.
+        env = {**os.environ, **(spin_env() if kind != "single" else {}), "BRIGADE_LOG": "WARNING"}
+        subprocess.run(argv, env=env, check=True, timeout=1800)
+        return DecodeRun(**json.loads(result.read_text()))
+
+
+def decode_one(kind: str, url: str, model: Path, batch: int, prompt_len: int, steps: int) -> DecodeRun:
+    """One decode measurement (`DECODE_RUNS`), in this process, on every core of its affinity."""
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    config = EngineConfig(model=str(model), num_blocks=1024, threads=threads)
+    if kind == "single":
+        return decode(Engine(config), DECODE_RUNS[kind], batch, prompt_len, steps)
+    lt = LoopThread()
+    try:
+        bus, remote = connect_remote(lt, url, model, direct=kind == "direct")
+        try:
+            return decode(Engine(config, experts=remote), DECODE_RUNS[kind], batch, prompt_len, steps, remote)
+        finally:
+            close_remote(lt, bus, remote)
+    finally:
+        lt.stop()
 
 
 def run(model: Path, batch: int = 32, steps: int = 20, prompt_len: int = 16, new_tokens: int = 16,
@@ -197,25 +254,28 @@ def run(model: Path, batch: int = 32, steps: int = 20, prompt_len: int = 16, new
         torch.set_num_threads(len(cores))
         out["parity"] = parity(model, url, lt, shard_counts, new_tokens)
 
-        # One process on every core, experts local.
-        local = Engine(EngineConfig(model=str(model), num_blocks=1024, threads=len(cores)))
-        single = decode(local, "single", batch, prompt_len, steps)
-        del local
-        # Two shards, one core each; the worker (attention, router, lm_head) uses every core while they wait.
+        # Each decode run in a process of its own, set up as deployed: one process on every core with the experts
+        # local; a worker (attention, router, lm_head on every core) with the experts on 2 shards, one core each,
+        # over their Unix sockets (the one-host data plane, the default) and, for comparison, over NATS.
         shard_cores = [[c] for c in cores[:2]] if len(cores) >= 2 else [cores, cores]
+        runs = [decode_child("single", url, model, batch, prompt_len, steps)]
         procs = spawn_shards(url, model, 2, shard_cores)
         try:
-            bus, remote = connect_remote(lt, url, model)
-            engine = Engine(EngineConfig(model=str(model), num_blocks=1024, threads=len(cores)), experts=remote)
-            sharded = decode(engine, "2 shards", batch, prompt_len, steps, remote)
-            close_remote(lt, bus, remote)
+            runs.append(decode_child("direct", url, model, batch, prompt_len, steps))
+            runs.append(decode_child("bus", url, model, batch, prompt_len, steps))
         finally:
             stop(procs)
+        single, sharded = runs[0], runs[1]
         bound = cfg.hidden_size * cfg.num_experts_per_tok * 2 * 4
-        out["decode"] = [asdict(single), asdict(sharded)]
+        out["decode"] = [asdict(r) for r in runs]
         out["bytes_bound_per_token_layer"] = bound * 1.1
         out["bytes_vs_bound"] = sharded.payload_per_token_layer / bound
         out["throughput_ratio_2shards_vs_single"] = sharded.tokens_per_s / single.tokens_per_s
+        out["throughput_ratio_2shards_bus_vs_single"] = runs[2].tokens_per_s / single.tokens_per_s
+        # With free dispatch, a sharded step would be the worker's own part (attention, gate, lm_head: the single
+        # step less its experts) plus the slowest shard's compute: the most sharding can give on these cores.
+        ideal = single.step_s * (1 - single.expert_share) + sharded.step_s * sharded.expert_share
+        out["throughput_ratio_bound_without_dispatch_cost"] = single.step_s / ideal
     finally:
         lt.stop()
         nats.stop()
@@ -232,8 +292,12 @@ def summary(res: dict[str, Any]) -> str:
             line += (f"; bus {d['payload_per_token_layer']:.0f} B/token/layer (+~{d['framing_per_token_layer']:.0f} "
                      f"framing) vs bound {res['bytes_bound_per_token_layer']:.0f}; dispatch+combine "
                      f"{d['dispatch_share']:.0%}, experts {d['expert_share']:.0%} of the step")
+        else:
+            line += f"; experts {d['expert_share']:.0%} of the step"
         lines.append(line)
-    lines.append(f"2 shards / single process throughput: {res['throughput_ratio_2shards_vs_single']:.2f}x")
+    lines.append(f"2 shards / single process throughput: {res['throughput_ratio_2shards_vs_single']:.2f}x "
+                 f"(over the bus: {res['throughput_ratio_2shards_bus_vs_single']:.2f}x; with dispatch free: "
+                 f"{res['throughput_ratio_bound_without_dispatch_cost']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -242,10 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="mixtral checkpoint (default: the bench mixtral, made once)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16, help="parity continuation length")
     ap.add_argument("--out", help="write the results as JSON")
+    ap.add_argument("--decode-only", choices=sorted(DECODE_RUNS), help=argparse.SUPPRESS)  # one run, for `run`
+    ap.add_argument("--nats", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    res = run(Path(a.model) if a.model else bench_model(), a.batch, a.steps, new_tokens=a.new_tokens)
+    if a.decode_only:
+        one = decode_one(a.decode_only, a.nats, Path(a.model), a.batch, a.prompt_len, a.steps)
+        Path(a.out).write_text(json.dumps(asdict(one)))
+        return 0
+    res = run(Path(a.model) if a.model else bench_model(), a.batch, a.steps, a.prompt_len, a.new_tokens)
     print(summary(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

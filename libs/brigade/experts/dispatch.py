@@ -105,14 +105,16 @@ def plan(ids: torch.Tensor, weights: torch.Tensor, owners: Sequence[Sequence[str
     return out
 
 
-def encode(layer: int, x: torch.Tensor, batch: ShardBatch, max_bytes: int) -> list[bytes]:
+def encode(layer: int, x: torch.Tensor, batch: ShardBatch, max_bytes: int,
+           trace: dict[str, str] | None = None) -> list[bytes]:
     """ExpertsDispatch messages for one shard: one, or several row ranges when the payload would exceed
-    `max_bytes` (each chunk is a self-contained dispatch, so the shard needs no reassembly)."""
+    `max_bytes` (each chunk is a self-contained dispatch, so the shard needs no reassembly; 0: no limit).
+    `trace`: context headers carried in the message, for paths without bus headers."""
     name = dtype_name(x.dtype)
     elem = x.element_size()
     n, h = batch.rows.numel(), x.shape[1]
     row_bytes = h * elem + (8 + elem) * _max_assignments(batch)  # a row, its ids and weights
-    step = (max_bytes - ENVELOPE) // row_bytes
+    step = (max_bytes - ENVELOPE) // row_bytes if max_bytes else max(1, n)
     if step < 1:
         raise DispatchError(f"one token ({row_bytes} bytes) exceeds the bus max payload ({max_bytes})")
     hidden = x[batch.rows]
@@ -122,7 +124,8 @@ def encode(layer: int, x: torch.Tensor, batch: ShardBatch, max_bytes: int) -> li
         a0, a1 = torch.searchsorted(batch.token, torch.tensor([lo, hi])).tolist()
         out.append(P.ExpertsDispatch(
             layer, name, hi - lo, to_bytes(hidden[lo:hi]), to_bytes((batch.token[a0:a1] - lo).to(torch.int32)),
-            to_bytes(batch.expert[a0:a1].to(torch.int32)), to_bytes(batch.weight[a0:a1].to(x.dtype))).encode())
+            to_bytes(batch.expert[a0:a1].to(torch.int32)), to_bytes(batch.weight[a0:a1].to(x.dtype)),
+            trace or {}).encode())
     return out
 
 

@@ -1,8 +1,10 @@
 """`RemoteExperts`: the worker-side `MoEExecutor` that runs a layer's experts on `brigade experts` shards.
 
-The model forward runs on the engine thread; bus I/O belongs to the worker's event loop. Per layer the
-executor plans on the engine thread (group tokens by shard, encode), hands every shard's request to the
-loop at once (`run_coroutine_threadsafe`), waits with a timeout, then decodes and sums on the engine thread.
+The model forward runs on the engine thread. Per layer the executor plans there (group tokens by shard,
+encode), then exchanges with every shard at once: shards on this host over their Unix sockets, straight
+from the engine thread (experts/channel.py, the data plane: no bus hop, no event-loop wake-up); others
+over the bus, handed to the worker's event loop (`run_coroutine_threadsafe`). It waits with a timeout,
+then decodes and sums on the engine thread.
 A shard that does not answer raises `ExpertsError`, which fails the step (the worker fails its requests);
 the failed shard leaves the live placement until its next heartbeat, so a restarted or replacement shard is
 used again as soon as it announces itself.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from brigade import protocol as P
 from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.experts import dispatch
+from brigade.experts.channel import ChannelClient, ChannelError
 from brigade.experts.placement import LivePlacement
 from brigade.experts.shard import TOKENS_METRIC
 from brigade.model.config import ModelConfig, ModelError, load_config
@@ -44,6 +49,7 @@ class DispatchStats:
     calls: int = 0  # layer dispatches (all shards of one layer of one step)
     tokens: int = 0  # tokens entering those layers
     messages: int = 0  # requests sent (a shard's chunks each count)
+    direct: int = 0  # of those, sent over a shard's Unix socket rather than the bus
     bytes_out: int = 0  # request payloads
     bytes_in: int = 0  # reply payloads
     wall_s: float = 0.0  # time inside the executor
@@ -54,7 +60,8 @@ class RemoteExperts:
     """MoEExecutor over the bus. Call `start` on the event loop before the first forward."""
 
     def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop, cfg: ModelConfig, timeout: float = 5.0,
-                 heartbeat_timeout: float = 3.0, registry: CollectorRegistry | None = None) -> None:
+                 heartbeat_timeout: float = 3.0, registry: CollectorRegistry | None = None,
+                 direct: bool = True) -> None:
         self.bus = bus
         self.loop = loop
         self.cfg = cfg
@@ -66,6 +73,11 @@ class RemoteExperts:
         self._loop_thread: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
+        # Shard id -> its Unix socket, for shards on this host (when `direct`); the rest go over the bus.
+        self.direct = direct
+        self._host = socket.gethostname()
+        self._sockets: dict[str, str] = {}
+        self._channel = ChannelClient()
         self.registry = registry or CollectorRegistry()
         tokens = Counter(TOKENS_METRIC, "Token assignments routed, per MoE layer and expert", ["layer", "expert"],
                          registry=self.registry)
@@ -79,12 +91,12 @@ class RemoteExperts:
         self.trace_parent: Callable[[], tracing.Span | None] | None = None
 
     @classmethod
-    async def create(cls, bus: Bus, model_dir: str, timeout: float = 5.0) -> RemoteExperts:
+    async def create(cls, bus: Bus, model_dir: str, timeout: float = 5.0, direct: bool = True) -> RemoteExperts:
         """For the MoE model in `model_dir`, on the running loop, already listening to shard heartbeats."""
         cfg = load_config(model_dir)
         if not cfg.is_moe:
             raise ModelError(f"{cfg.name} has no experts: remote experts need a mixture-of-experts model")
-        experts = cls(bus, asyncio.get_running_loop(), cfg, timeout)
+        experts = cls(bus, asyncio.get_running_loop(), cfg, timeout, direct=direct)
         await experts.start()
         return experts
 
@@ -121,8 +133,13 @@ class RemoteExperts:
             return
         if st.stopping:
             changed = self.placement.remove(st.shard_id)
+            self._sockets.pop(st.shard_id, None)
         else:
             changed = self.placement.update(st.shard_id, st.experts, time.monotonic())
+            if self.direct and st.socket and st.host == self._host and os.path.exists(st.socket):
+                self._sockets[st.shard_id] = st.socket
+            else:
+                self._sockets.pop(st.shard_id, None)
         if changed:
             log.info("experts placement changed: live shards %s", self.placement.shards())
             self._notify()
@@ -131,6 +148,7 @@ class RemoteExperts:
         while True:
             await asyncio.sleep(self.placement.timeout / 3)
             for shard in self.placement.purge(time.monotonic()):
+                self._sockets.pop(shard, None)
                 log.warning("experts shard %s missed its heartbeats", shard)
 
     def _notify(self) -> None:
@@ -167,10 +185,15 @@ class RemoteExperts:
         try:
             return await self.bus.request(P.experts_dispatch(shard), data, timeout=self.timeout, headers=headers)
         except BusError as e:
-            self._errors.labels(shard).inc()
-            if self.placement.remove(shard):  # until its next heartbeat: a replica, if any, takes over
-                self._notify()
+            self._failed(shard)
             raise ExpertsError(f"experts shard {shard} failed on layer {layer}: {e}") from e
+
+    def _failed(self, shard: str) -> None:
+        """Count a shard's failure and drop it from the placement until its next heartbeat (a replica, if any,
+        takes over). Any thread."""
+        self._errors.labels(shard).inc()
+        if self.placement.remove(shard):
+            self.loop.call_soon_threadsafe(self._notify)
 
     # ---- engine thread side -------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -192,15 +215,18 @@ class RemoteExperts:
         for e, c in enumerate(counts):
             self._rr[layer][e] += c
         xc = x.detach().cpu()
-        requests = [(b.shard, dispatch.encode(layer, xc, b, self.bus.max_payload)) for b in batches]
         parent = self.trace_parent() if self.trace_parent is not None else None
         span = None
         if parent is not None:
             span = tracing.start("experts.dispatch", parent, tracing.SpanKind.CLIENT, {
                 "brigade.moe.layer": layer, "brigade.moe.tokens": x.shape[0], "brigade.moe.shards": len(batches)})
+        trace = (tracing.headers(span) if span is not None else None) or {}
+        sockets = dict(self._sockets)
+        # Direct shards get one message each (no payload limit on a socket); bus shards get chunks under it.
+        requests = [(b.shard, dispatch.encode(layer, xc, b, 0 if b.shard in sockets else self.bus.max_payload,
+                                              trace if b.shard in sockets else None)) for b in batches]
         try:
-            replies = self._run(self._exchange(layer, requests, tracing.headers(span) if span else None),
-                                self.timeout + 1.0)
+            replies = self._exchange_all(layer, requests, sockets, trace or None)
         except ExpertsError as e:
             if span is not None:
                 tracing.fail(span, str(e))
@@ -233,15 +259,36 @@ class RemoteExperts:
         s.calls += 1
         s.tokens += x.shape[0]
         s.messages += sum(len(chunks) for _, chunks in requests)
+        s.direct += sum(1 for shard, _ in requests if shard in sockets)
         s.bytes_out += sent
         s.bytes_in += got
         s.compute_s += compute
         s.wall_s += time.perf_counter() - t0
         return out.to(x.device)
 
+    def _exchange_all(self, layer: int, requests: list[tuple[str, list[bytes]]], sockets: dict[str, str],
+                      headers: dict[str, str] | None) -> list[list[bytes]]:
+        """Every shard's replies, in order: bus shards started on the loop first, then direct shards from here."""
+        remote = [(shard, chunks) for shard, chunks in requests if shard not in sockets]
+        local = [(sockets[shard], chunks[0]) for shard, chunks in requests if shard in sockets]
+        fut = asyncio.run_coroutine_threadsafe(self._exchange(layer, remote, headers), self.loop) if remote else None
+        try:
+            got = self._channel.exchange(local, self.timeout) if local else []
+        except ChannelError as e:
+            if fut is not None:
+                fut.cancel()
+            shard = next(s for s, p in sockets.items() if p == e.path)
+            self._failed(shard)
+            raise ExpertsError(f"experts shard {shard} failed on layer {layer}: {e.reason}") from e
+        far = self._wait(fut, self.timeout + 1.0) if fut is not None else []
+        direct, bus = iter(got), iter(far)
+        return [[next(direct)] if shard in sockets else next(bus) for shard, _ in requests]
+
     def _run(self, coro: Any, timeout: float) -> Any:
         """Run a coroutine on the event loop from the engine thread; never wait longer than `timeout`."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._wait(asyncio.run_coroutine_threadsafe(coro, self.loop), timeout)
+
+    def _wait(self, fut: concurrent.futures.Future[Any], timeout: float) -> Any:
         try:
             return fut.result(timeout=timeout)
         except concurrent.futures.TimeoutError as e:

@@ -1,7 +1,8 @@
 """An expert shard (`brigade experts --shard I/N`): its experts of every MoE layer, served over the bus.
 
-Wiring and I/O only: heartbeats announce the experts held (the published placement); dispatches run
-one at a time on a compute thread that owns the process's torch threads.
+Wiring and I/O only: heartbeats announce the experts held (the published placement) and the shard's
+Unix socket (the direct data plane for workers on this host, experts/channel.py); dispatches from either
+path run one at a time, on threads set to the process's torch thread count.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,6 +25,7 @@ from brigade import protocol as P
 from brigade import tracing
 from brigade.bus import Bus, heartbeat, publish_status
 from brigade.config import ExpertsConfig, parse_cpus
+from brigade.experts.channel import ChannelServer, socket_path
 from brigade.experts.dispatch import DTYPES
 from brigade.experts.placement import parse_placement, parse_shard
 from brigade.experts.shard import ExpertShard
@@ -41,13 +44,19 @@ class ExpertsService:
         self.bus = bus
         self.shard = shard
         self.index, self.num_shards = parse_shard(config.shard)
+        self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self.pool.submit(torch.set_num_threads, threads).result()  # the compute thread's own OpenMP setting
+        self._compute_lock = threading.Lock()  # one dispatch at a time, whichever path it came by
+        self.channel = ChannelServer(socket_path(shard.shard_id), self._on_direct,
+                                     init=lambda: torch.set_num_threads(threads)) if config.direct else None
         self.tasks: list[asyncio.Task[Any]] = []
         self.metrics_port = 0
         self.stopping = False
 
     async def start(self) -> None:
+        if self.channel is not None:
+            self.channel.start()
         # A queue group: a second process started for the same shard (a replacement) shares the work.
         await self.bus.subscribe(P.experts_dispatch(self.shard.shard_id), self._on_dispatch, queue="experts")
         await self.bus.flush()
@@ -64,6 +73,8 @@ class ExpertsService:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.channel is not None:
+            self.channel.close()
 
     async def _on_dispatch(self, msg: Any) -> None:
         try:
@@ -71,18 +82,32 @@ class ExpertsService:
         except P.ProtocolError as e:
             await self.bus.respond(msg, P.ExpertsResult(error=str(e)))
             return
-        span = tracing.start("experts", tracing.context_of(msg), tracing.SpanKind.SERVER, {
+        result = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, req, tracing.context_of(msg))
+        await self.bus.respond(msg, result)
+
+    def _on_direct(self, data: bytes) -> bytes:
+        """A dispatch from the Unix socket, answered on the connection's thread."""
+        try:
+            req = P.ExpertsDispatch.decode(data)
+        except P.ProtocolError as e:
+            return P.ExpertsResult(error=str(e)).encode()
+        return self._run(req, tracing.context_of(req.trace)).encode()
+
+    def _run(self, req: P.ExpertsDispatch, parent: tracing.Context | None) -> P.ExpertsResult:
+        span = tracing.start("experts", parent, tracing.SpanKind.SERVER, {
             "brigade.moe.layer": req.layer, "brigade.moe.rows": req.rows, "brigade.moe.shard": self.shard.shard_id})
-        result = await asyncio.get_running_loop().run_in_executor(self.pool, self.shard.run, req)
+        with self._compute_lock:
+            result = self.shard.run(req)
         span.set_attribute("brigade.moe.compute_seconds", result.compute_s)
         if result.error:
             tracing.fail(span, result.error)
         span.end()
-        await self.bus.respond(msg, result)
+        return result
 
     def status(self) -> P.ExpertsStatus:
         return replace(self.shard.status(), shard=self.index, num_shards=self.num_shards, host=socket.gethostname(),
-                       metrics_port=self.metrics_port, stopping=self.stopping, time=time.time())
+                       socket=self.channel.path if self.channel is not None else "", metrics_port=self.metrics_port,
+                       stopping=self.stopping, time=time.time())
 
     async def _publish_status(self) -> None:
         await publish_status(self.bus, P.EXPERTS_HEARTBEAT, self.status())

@@ -513,7 +513,8 @@ async def serve(config: WorkerConfig) -> None:
     bus = await Bus.connect(config.nats, f"worker-{config.worker_id}")
     experts = None
     if config.experts:  # MoE experts on `brigade experts` shards, found through their heartbeats
-        experts = await RemoteExperts.create(bus, str(resolve_model(config.model)), config.experts_timeout)
+        experts = await RemoteExperts.create(bus, str(resolve_model(config.model)), config.experts_timeout,
+                                             config.experts_direct)
     engine, shm = await asyncio.to_thread(build_engine, config, threads, experts)
     registry = engine_registry(engine, engine.model.cfg.name, config.worker_id,
                                experts.registry if experts is not None else None)
