@@ -205,15 +205,22 @@ async def run(cfg: LoadConfig, requests: Sequence[Request], progress: Progress |
             await send(client, cfg, -1, Request(tuple(range(LOW_ID + i, LOW_ID + i + 16)), 4), time.perf_counter())
         t0 = time.perf_counter()
 
+        done = [asyncio.Event() for _ in requests]
+
         async def launch(i: int, req: Request, at: float) -> RequestRecord:
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if sem is None:
-                rec = await send(client, cfg, i, req, t0)
-            else:
-                async with sem:
+            try:
+                delay = t0 + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if req.after is not None:  # a later turn waits for its predecessor (finished or failed)
+                    await done[req.after].wait()
+                if sem is None:
                     rec = await send(client, cfg, i, req, t0)
+                else:
+                    async with sem:
+                        rec = await send(client, cfg, i, req, t0)
+            finally:
+                done[i].set()
             if progress is not None:
                 progress.update(rec)
             return rec

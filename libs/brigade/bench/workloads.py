@@ -24,6 +24,7 @@ class Request:
     tag: str = ""
     arrival: float | None = None  # seconds after the start; when set, the load generator sends it then
     cacheable: int = 0  # leading prompt tokens an earlier request of the workload already sent (prefix-cache hits)
+    after: int | None = None  # index of a request that must finish before this one is sent (a session's last turn)
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> tuple[int, ...]:
@@ -59,7 +60,8 @@ def rag(n: int, vocab: int, seed: int = 0, max_context: int = 8192, turns: int =
 
     ceil(n / turns) sessions share the n requests evenly. Every prompt of a session is its document followed
     by a fresh question: the first (tag "first") computes the document, the follow-ups ("followup") can reuse
-    it from a prefix cache. A session's requests keep their order; sessions are mixed between each other.
+    it from a prefix cache. Sessions are mixed between each other; within one, each turn is sent only after the
+    previous one has finished (`after`), as a user asks the next question once the answer is in.
     The document shrinks to leave room for the longest question and answer within max_context.
     `hot`: every session shares one document (the hot-prefix case a router must not pile onto one worker).
     """
@@ -69,6 +71,7 @@ def rag(n: int, vocab: int, seed: int = 0, max_context: int = 8192, turns: int =
     left = [n // sessions + (1 if s < n % sessions else 0) for s in range(sessions)]
     docs = [_ids(rng, doc_len, vocab) for _ in range(1 if hot else sessions)] * (sessions if hot else 1)
     asked = [0] * sessions
+    last: list[int | None] = [None] * sessions  # index of each session's latest turn
     sent: set[tuple[int, ...]] = set()
     out = []
     while any(left):
@@ -77,7 +80,8 @@ def rag(n: int, vocab: int, seed: int = 0, max_context: int = 8192, turns: int =
         question = _ids(rng, rng.randint(*question_range), vocab)
         tag = "followup" if asked[s] else "first"
         out.append(Request(docs[s] + question, rng.randint(*output_range), tag,
-                           cacheable=len(docs[s]) if docs[s] in sent else 0))
+                           cacheable=len(docs[s]) if docs[s] in sent else 0, after=last[s]))
+        last[s] = len(out) - 1
         sent.add(docs[s])
         asked[s] += 1
         left[s] -= 1
