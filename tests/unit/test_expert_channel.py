@@ -106,3 +106,21 @@ def test_server_serves_several_clients(tmp_path: Path) -> None:
         t.join(30)
     srv.close()
     assert not errors, errors
+
+
+def test_socket_path_clears_sockets_of_dead_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from brigade.experts.channel import socket_path
+
+    monkeypatch.setenv("BRIGADE_SOCKET_DIR", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"brigade-experts-s0-{int(dead.stdout)}.sock"
+    live = tmp_path / f"brigade-experts-s0-{os.getppid()}.sock"  # a running process's socket stays
+    other = tmp_path / f"brigade-experts-s1-{int(dead.stdout)}.sock"  # another shard's is not ours to touch
+    for p in (stale, live, other):
+        p.touch()
+    assert socket_path("s0") == str(tmp_path / f"brigade-experts-s0-{os.getpid()}.sock")
+    assert not stale.exists() and live.exists() and other.exists()

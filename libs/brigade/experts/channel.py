@@ -41,9 +41,28 @@ class ChannelError(RuntimeError):
 
 
 def socket_path(shard_id: str) -> str:
-    """A fresh socket path for a shard process (its pid in the name: a restarted shard gets a new one)."""
+    """A fresh socket path for a shard process (its pid in the name: a restarted shard gets a new one).
+
+    Sockets that earlier processes of this shard left behind (killed before they could unlink them) go.
+    """
     root = Path(os.environ.get("BRIGADE_SOCKET_DIR") or tempfile.gettempdir())
-    return str(root / f"brigade-experts-{shard_id}-{os.getpid()}.sock")
+    prefix = f"brigade-experts-{shard_id}-"
+    for old in root.glob(f"{prefix}*.sock"):
+        pid = old.name[len(prefix):-len(".sock")]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return str(root / f"{prefix}{os.getpid()}.sock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
@@ -171,11 +190,6 @@ class ChannelClient:
 
     def close(self) -> None:
         for path in list(self._conns):
-            self._drop(path)
-
-    def forget(self, keep: set[str]) -> None:
-        """Close connections to sockets no longer announced (stopped or replaced shards)."""
-        for path in [p for p in self._conns if p not in keep]:
             self._drop(path)
 
     def _connect(self, path: str, timeout: float) -> socket.socket:
