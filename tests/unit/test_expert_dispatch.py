@@ -45,13 +45,16 @@ def test_live_placement_follows_heartbeats() -> None:
     assert lp.missing(0) == [0, 1, 2, 3]
     assert lp.update("a", [[0, 1], [0, 1]], now=0.0)
     assert not lp.update("a", [[0, 1], [0, 1]], now=0.1)  # same holdings: no change
-    assert lp.update("b", [[1, 2, 3], [2, 3]], now=0.5)
+    assert lp.update("b", [[1, 2, 3], [2, 3]], now=0.5, socket="/tmp/b-1.sock")
+    assert lp.sockets() == {"b": "/tmp/b-1.sock"}  # a shard without a usable socket goes over the bus
+    assert not lp.update("b", [[1, 2, 3], [2, 3]], now=0.5, socket="/tmp/b-2.sock")  # restarted: same holdings
+    assert lp.sockets() == {"b": "/tmp/b-2.sock"}
     assert lp.owners(0) == (("a",), ("a", "b"), ("b",), ("b",))
     assert lp.missing(1) == [] and lp.owners(1)[1] == ("a",)
     assert lp.purge(now=1.2) == ["a"]  # silent for 1.1 s > 1 s
     assert lp.missing(0) == [0] and lp.missing(1) == [0, 1]
     assert lp.remove("b") and not lp.remove("b")
-    assert lp.shards() == []
+    assert lp.shards() == [] and lp.sockets() == {}  # a shard's socket leaves with it
 
 
 # ---- dispatch --------------------------------------------------------------------------------------

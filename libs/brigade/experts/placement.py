@@ -61,6 +61,7 @@ class ShardEntry:
     shard_id: str
     experts: tuple[frozenset[int], ...]  # per layer
     seen: float  # monotonic time of its last heartbeat
+    socket: str = ""  # its Unix socket, when the reader may dispatch to it directly (same host)
 
 
 class LivePlacement:
@@ -78,12 +79,13 @@ class LivePlacement:
         self._owners: tuple[tuple[tuple[str, ...], ...], ...] = self._build()
         self.version = 0  # bumped whenever the map changes
 
-    def update(self, shard_id: str, experts: list[list[int]], now: float) -> bool:
-        """Record a heartbeat; True when the map changed (a new shard, or new holdings)."""
+    def update(self, shard_id: str, experts: list[list[int]], now: float, socket: str = "") -> bool:
+        """Record a heartbeat (and the shard's socket, if usable); True when the map changed (a new shard, or
+        new holdings)."""
         held = tuple(frozenset(e) for e in experts[:self.num_layers])
         with self._lock:
             old = self._shards.get(shard_id)
-            self._shards[shard_id] = ShardEntry(shard_id, held, now)
+            self._shards[shard_id] = ShardEntry(shard_id, held, now, socket)
             if old is not None and old.experts == held:
                 return False
             self._rebuild()
@@ -113,6 +115,11 @@ class LivePlacement:
 
     def shards(self) -> list[str]:
         return sorted(self._shards)
+
+    def sockets(self) -> dict[str, str]:
+        """Live shard id -> Unix socket, for the shards that have one (a snapshot)."""
+        with self._lock:
+            return {s.shard_id: s.socket for s in self._shards.values() if s.socket}
 
     def _rebuild(self) -> None:
         self._owners = self._build()

@@ -73,10 +73,9 @@ class RemoteExperts:
         self._loop_thread: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._ignored: set[str] = set()
-        # Shard id -> its Unix socket, for shards on this host (when `direct`); the rest go over the bus.
+        # Shards on this host (when `direct`) are recorded with their Unix socket; the rest go over the bus.
         self.direct = direct
         self._host = socket.gethostname()
-        self._sockets: dict[str, str] = {}
         self._channel = ChannelClient()
         self.registry = registry or CollectorRegistry()
         tokens = Counter(TOKENS_METRIC, "Token assignments routed, per MoE layer and expert", ["layer", "expert"],
@@ -133,13 +132,9 @@ class RemoteExperts:
             return
         if st.stopping:
             changed = self.placement.remove(st.shard_id)
-            self._sockets.pop(st.shard_id, None)
         else:
-            changed = self.placement.update(st.shard_id, st.experts, time.monotonic())
-            if self.direct and st.socket and st.host == self._host and os.path.exists(st.socket):
-                self._sockets[st.shard_id] = st.socket
-            else:
-                self._sockets.pop(st.shard_id, None)
+            near = self.direct and st.socket and st.host == self._host and os.path.exists(st.socket)
+            changed = self.placement.update(st.shard_id, st.experts, time.monotonic(), st.socket if near else "")
         if changed:
             log.info("experts placement changed: live shards %s", self.placement.shards())
             self._notify()
@@ -148,7 +143,6 @@ class RemoteExperts:
         while True:
             await asyncio.sleep(self.placement.timeout / 3)
             for shard in self.placement.purge(time.monotonic()):
-                self._sockets.pop(shard, None)
                 log.warning("experts shard %s missed its heartbeats", shard)
 
     def _notify(self) -> None:
@@ -220,13 +214,14 @@ class RemoteExperts:
         if parent is not None:
             span = tracing.start("experts.dispatch", parent, tracing.SpanKind.CLIENT, {
                 "brigade.moe.layer": layer, "brigade.moe.tokens": x.shape[0], "brigade.moe.shards": len(batches)})
-        trace = (tracing.headers(span) if span is not None else None) or {}
-        sockets = dict(self._sockets)
-        # Direct shards get one message each (no payload limit on a socket); bus shards get chunks under it.
-        requests = [(b.shard, dispatch.encode(layer, xc, b, 0 if b.shard in sockets else self.bus.max_payload,
-                                              trace if b.shard in sockets else None)) for b in batches]
+        headers = tracing.headers(span) if span is not None else None
+        sockets = self.placement.sockets()
+        # Direct shards get one message each, carrying the trace context (no payload limit and no headers on a
+        # socket); bus shards get chunks under the limit, the context in their headers.
+        requests = [(b.shard, dispatch.encode(layer, xc, b, 0, headers) if b.shard in sockets
+                     else dispatch.encode(layer, xc, b, self.bus.max_payload)) for b in batches]
         try:
-            replies = self._exchange_all(layer, requests, sockets, trace or None)
+            replies = self._exchange_all(layer, requests, sockets, headers)
         except ExpertsError as e:
             if span is not None:
                 tracing.fail(span, str(e))

@@ -44,7 +44,6 @@ class ExpertsService:
         self.bus = bus
         self.shard = shard
         self.index, self.num_shards = parse_shard(config.shard)
-        self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
         self.pool.submit(torch.set_num_threads, threads).result()  # the compute thread's own OpenMP setting
         self._compute_lock = threading.Lock()  # one dispatch at a time, whichever path it came by
