@@ -157,6 +157,19 @@ class Up:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
 
+    def __enter__(self) -> Up:
+        """`with Up(cfg) as up:` starts everything (the gateway URL is `up.url`) and stops it on the way out."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL."""
+        return f"http://{self.cfg.host}:{self.cfg.port}"
+
     def start(self, timeout: float = 120.0) -> str:
         """Start everything; return the gateway URL once workers report and the gateway is healthy."""
         if self.cfg.kv_transport == "nixl" and self.cfg.mode == "disagg":
@@ -175,12 +188,11 @@ class Up:
         workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway") and not name.startswith("experts"))
         try:
             asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts))
-            base = f"http://{self.cfg.host}:{self.cfg.port}"
-            _wait_http(base + "/health", timeout)
+            _wait_http(self.url + "/health", timeout)
         except BaseException:
             self.stop()
             raise
-        return base
+        return self.url
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         argv, env = self.argv[name]

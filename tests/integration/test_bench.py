@@ -31,13 +31,9 @@ RECORD_KEYS = {"index", "tag", "prompt_tokens", "max_tokens", "start_s", "ok", "
 
 @pytest.fixture(scope="module")
 def brigade_url(tiny_models: dict[str, Path]) -> Iterator[str]:
-    up = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="colocated", decode=1,
-                     worker_args=("--num-blocks", "256", "--max-num-seqs", "16")))
-    url = up.start(timeout=120)
-    try:
-        yield url
-    finally:
-        up.stop()
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="colocated", decode=1,
+                     worker_args=("--num-blocks", "256", "--max-num-seqs", "16"))) as up:
+        yield up.url
 
 
 def _check_schema(res: dict[str, Any], n: int) -> None:

@@ -22,13 +22,9 @@ from brigade.launcher import Up, UpConfig
 
 @pytest.fixture()
 def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), router="round_robin", decode=1,
-                    worker_args=("--num-blocks", "128")))
-    u.start(timeout=120)
-    try:
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), router="round_robin", decode=1,
+                     worker_args=("--num-blocks", "128"))) as u:
         yield u
-    finally:
-        u.stop()
 
 
 def _start_worker(up: Up, model: str, worker_id: str) -> subprocess.Popen[bytes]:

@@ -124,14 +124,10 @@ def test_parity_across_a_veth_pair(tiny_models: dict[str, Path], reference: Engi
 def faulty(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Up]:
     """1 prefill, 2 decode workers over nixl, with a short lease so a dead sender's blocks come back quickly."""
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")
-    up = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=2,
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=2,
                      kv_transport="nixl", disagg_threshold=4, metrics_port=free_port(),
-                     worker_args=("--num-blocks", "256", "--lease-s", "3")))
-    try:
-        up.start(timeout=120)
+                     worker_args=("--num-blocks", "256", "--lease-s", "3"))) as up:
         yield up
-    finally:
-        up.stop()
 
 
 def _kv_used(nats: str) -> dict[str, int]:

@@ -17,13 +17,9 @@ DOC_TOKENS = 192  # 12 full blocks of shared conversation history
 
 @pytest.fixture()
 def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=3, router="prefix",
-                    worker_args=("--num-blocks", "256")))
-    u.start(timeout=120)
-    try:
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=3, router="prefix",
+                     worker_args=("--num-blocks", "256"))) as u:
         yield u
-    finally:
-        u.stop()
 
 
 def _turn(up: Up, prompt: list[int]) -> tuple[str, dict[str, tuple[int, int]]]:

@@ -23,13 +23,9 @@ MAX_TOKENS = 300
 
 @pytest.fixture()
 def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=2, router="least_loaded",
-                    worker_args=("--num-blocks", "128")))
-    try:
-        u.start(timeout=120)
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=2, router="least_loaded",
+                     worker_args=("--num-blocks", "128"))) as u:
         yield u
-    finally:
-        u.stop()
 
 
 @pytest.mark.parametrize("seed", [None, 7])

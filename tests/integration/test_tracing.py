@@ -29,14 +29,12 @@ def receiver() -> Iterator[OtlpReceiver]:
 def up(tiny_models: dict[str, Path], receiver: OtlpReceiver) -> Iterator[Up]:
     mp = pytest.MonkeyPatch()
     mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s, not the default 5 s
-    u = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=1,
-                    disagg_threshold=4, otlp=receiver.url, metrics_port=free_port(),
-                    worker_args=("--num-blocks", "128")))
     try:
-        u.start(timeout=120)
-        yield u
+        with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=1,
+                         disagg_threshold=4, otlp=receiver.url, metrics_port=free_port(),
+                         worker_args=("--num-blocks", "128"))) as u:
+            yield u
     finally:
-        u.stop()
         mp.undo()
 
 
@@ -122,17 +120,15 @@ def test_expert_shard_spans_join_the_request_trace(tiny_models: dict[str, Path],
     and each shard's work a server span under that dispatch."""
     mp = pytest.MonkeyPatch()
     mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    u = Up(UpConfig(model=str(tiny_models["mixtral"]), port=free_port(), decode=1, experts=2, otlp=receiver.url,
-                    worker_args=("--num-blocks", "64")))
     try:
-        u.start(timeout=120)
-        r = httpx.post(f"http://{u.cfg.host}:{u.cfg.port}/v1/completions", timeout=60,
-                       json={"model": "mixtral", "prompt": "experts, trace yourselves", "max_tokens": 3,
-                             "temperature": 0, "ignore_eos": True})
-        assert r.status_code == 200, r.text
-        trace = receiver.trace_of(r.json()["id"], {"brigade-gateway", "brigade-decode", "brigade-experts"})
+        with Up(UpConfig(model=str(tiny_models["mixtral"]), port=free_port(), decode=1, experts=2, otlp=receiver.url,
+                         worker_args=("--num-blocks", "64"))) as u:
+            r = httpx.post(f"{u.url}/v1/completions", timeout=60,
+                           json={"model": "mixtral", "prompt": "experts, trace yourselves", "max_tokens": 3,
+                                 "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            trace = receiver.trace_of(r.json()["id"], {"brigade-gateway", "brigade-decode", "brigade-experts"})
     finally:
-        u.stop()
         mp.undo()
     generate = _one(trace, "brigade-decode", "generate")
     dispatches = [s for s in trace if s.name == "experts.dispatch"]
