@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,11 +38,46 @@ class UpConfig:
     metrics_port: int = 0  # >0: the router serves /metrics here, worker i (in command order) on the next ports
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (for a second system beside one already on 8000)."""
+def _ephemeral() -> range:
+    """The kernel's range for outgoing connections' local ports (Linux; a common default elsewhere)."""
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return range(int(lo), int(hi) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+_handed_out: set[int] = set()
+
+
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of `n` consecutive TCP ports nothing is bound to right now. They come from below the
+    ephemeral range: a port the kernel handed out (bind to 0) can be taken by any outgoing connection
+    before the service that was meant to listen on it binds it, and `metrics_port + k` are not probed
+    at all by a single-port probe."""
+    eph = _ephemeral()
+    pool = [p for p in range(20000, 32000 - n) if p not in eph and p + n - 1 not in eph]
+    for base in random.sample(pool, min(len(pool), 200)):
+        ports = range(base, base + n)
+        if not _handed_out.intersection(ports) and all(_bindable(host, p) for p in ports):
+            _handed_out.update(ports)  # two calls before either binds must not get the same port
+            return base
+    raise OSError(f"no {n} consecutive free ports on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing is bound to right now (for a second system beside one already on 8000)."""
+    return free_ports(1, host)
 
 
 def split_cores(cores: list[int], processes: int) -> list[list[int]]:

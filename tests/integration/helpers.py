@@ -10,9 +10,9 @@ from typing import Any
 from brigade import protocol as P
 from brigade.bench.compare import fleet, heartbeats
 from brigade.bus import Bus
-from brigade.launcher import free_port
+from brigade.launcher import free_port, free_ports
 
-__all__ = ["SubjectWatch", "free_port", "heartbeats", "latest"]
+__all__ = ["SubjectWatch", "free_port", "free_ports", "heartbeats", "latest"]
 
 
 def latest(nats: str) -> dict[str, P.WorkerStatus]:

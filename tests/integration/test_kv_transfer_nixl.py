@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import SubjectWatch, free_port, latest
+from helpers import SubjectWatch, free_port, free_ports, latest
 from netns import Netns, NetnsUnavailable
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,7 +98,7 @@ def test_parity_across_a_veth_pair(tiny_models: dict[str, Path], reference: Engi
             return ["env", "UCX_TLS=tcp,self", f"UCX_NET_DEVICES={netns.host_dev}", *argv]
         return argv
 
-    metrics = free_port()
+    metrics = free_ports(8)
     up = Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", nats=url, kv_transport="nixl",
                      disagg_threshold=4, metrics_port=metrics, worker_args=("--num-blocks", "128")), wrap=wrap)
     try:
@@ -125,7 +125,7 @@ def faulty(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Ite
     """1 prefill, 2 decode workers over nixl, with a short lease so a dead sender's blocks come back quickly."""
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=2,
-                     kv_transport="nixl", disagg_threshold=4, metrics_port=free_port(),
+                     kv_transport="nixl", disagg_threshold=4, metrics_port=free_ports(8),
                      worker_args=("--num-blocks", "256", "--lease-s", "3"))) as up:
         yield up
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import free_port, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from brigade.bench.otlp import OtlpReceiver, ReceivedSpan
@@ -31,7 +31,7 @@ def up(tiny_models: dict[str, Path], receiver: OtlpReceiver) -> Iterator[Up]:
     mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s, not the default 5 s
     try:
         with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), mode="disagg", prefill=1, decode=1,
-                         disagg_threshold=4, otlp=receiver.url, metrics_port=free_port(),
+                         disagg_threshold=4, otlp=receiver.url, metrics_port=free_ports(8),
                          worker_args=("--num-blocks", "128"))) as u:
             yield u
     finally:
