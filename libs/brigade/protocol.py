@@ -101,8 +101,11 @@ class GenerateRequest(Message):
     arrival: float = 0.0  # gateway wall-clock time, for queue-time metrics
     # Set by the router in disaggregated mode: the decode worker that continues after prefill.
     decode_worker: str | None = None
-    # Tokens generated so far when a request is replayed on another worker (after a worker died).
+    # Tokens generated so far when a request is replayed on another worker (after a worker died), and how
+    # many chars of their text the client has (None: all); the rest was withheld (incomplete UTF-8, a
+    # possible stop string) and is emitted by the new worker.
     output_ids: list[int] = field(default_factory=list)
+    text_sent: int | None = None
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Handoff(Message):
     first_token: int
     block_ids: list[int]
     num_cached: int = 0
-    first_text_sent: bool = True  # False: the first token produced no text yet (incomplete UTF-8)
+    text_sent: int = 0  # chars of the first token's text already streamed (the rest was withheld)
 
 
 @dataclass

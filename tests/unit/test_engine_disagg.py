@@ -42,7 +42,7 @@ def test_handoff_continues_exactly(tiny_models: dict[str, Path], params: Samplin
     src = held.block_ids[:len(blocks)]
     decode.runner.blocks()[:, :, blocks] = prefill.runner.blocks()[:, :, src]
     assert prefill.release("r") and prefill.pool.num_used == 0
-    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params, first_text_sent=bool(first.new_text))
+    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params, text_sent=len(first.new_text))
     rest = _run(decode)
     assert first.new_token_ids + [t for o in rest for t in o.new_token_ids] == ref.token_ids
     assert first.new_text + "".join(o.new_text for o in rest) == ref.text
@@ -85,3 +85,66 @@ def test_resume_with_output_ids_matches_uninterrupted(tiny_models: dict[str, Pat
     eng.add_request("again", PROMPT, greedy, output_ids=ref.token_ids[:5])
     rest = [t for o in _run(eng) for t in o.new_token_ids]
     assert ref.token_ids[:5] + rest == ref.token_ids
+
+
+def _stop_across(engine: Engine, cut: int) -> tuple[SamplingParams, str]:
+    """A stop string that begins in the text of the first `cut` output tokens and ends after it, and the
+    text the request should return with it (everything before the stop)."""
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine.add_request("probe", PROMPT, greedy)
+    deltas = [o.new_text for o in _run(engine)]
+    text, head = "".join(deltas), len("".join(deltas[:cut]))
+    never = "<|never seen|>"  # long: the engine withholds len - 1 chars, more than the short stop's start
+    assert never not in text
+    for a in range(head - 1, max(head - 4, -1), -1):
+        for b in range(head + 1, min(head + 4, len(text)) + 1):
+            if text.find(text[a:b]) == a:
+                return SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[never, text[a:b]]), text[:a]
+    raise AssertionError(f"no stop string spans token {cut} of {deltas!r}")
+
+
+def _until(engine: Engine, request_id: str, tokens: int) -> tuple[list[int], str]:
+    """Step until `request_id` has `tokens` output tokens; its tokens and the text it emitted so far."""
+    ids: list[int] = []
+    text = ""
+    while len(ids) < tokens:
+        for o in engine.step():
+            if o.request_id == request_id:
+                ids += o.new_token_ids
+                text += o.new_text
+                assert not o.finished
+    return ids, text
+
+
+@pytest.mark.parametrize("cut", [2, 5])
+def test_replay_cut_inside_a_stop_string(tiny_models: dict[str, Path], cut: int) -> None:
+    """The worker that died had withheld the start of a stop string: the new one still emits the text
+    before it, finds the stop across the cut, and emits nothing of it."""
+    first = _engine(tiny_models)
+    params, expected = _stop_across(first, cut)
+    first.add_request("r", PROMPT, params)
+    ids, sent = _until(first, "r", cut)
+    assert len(sent) < len(expected) and expected.startswith(sent)  # text before the stop was withheld too
+    second = _engine(tiny_models)
+    second.add_request("r2", PROMPT, params, output_ids=ids, text_sent=len(sent))
+    rest = _run(second)
+    assert sent + "".join(o.new_text for o in rest) == expected
+    assert rest[-1].finish_reason == "stop" and rest[-1].stop_reason == params.stop[1]
+    assert second.pool.num_used == 0
+
+
+def test_handoff_cut_inside_a_stop_string(tiny_models: dict[str, Path]) -> None:
+    prefill, decode = _engine(tiny_models), _engine(tiny_models, chunked_prefill=False)
+    params, expected = _stop_across(prefill, 1)
+    prefill.add_request("r", PROMPT, params, prefill_only=True)
+    [first] = _run(prefill)
+    assert first.finish_reason == "handoff" and expected.startswith(first.new_text)
+    held = prefill.held["r"]
+    prompt_ids = held.token_ids[:held.num_prompt]
+    blocks = decode.reserve("r", len(prompt_ids), lease_s=10)
+    assert blocks is not None
+    decode.runner.blocks()[:, :, blocks] = prefill.runner.blocks()[:, :, held.block_ids[:len(blocks)]]
+    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params, text_sent=len(first.new_text))
+    rest = _run(decode)
+    assert first.new_text + "".join(o.new_text for o in rest) == expected
+    assert rest[-1].finish_reason == "stop"

@@ -93,8 +93,7 @@ class _Text:
 
     detok: Detokenizer
     text: str = ""
-    sent: int = 0  # chars of text already returned
-    hold: int = 0  # chars withheld while they could begin a stop string
+    sent: int = 0  # chars of text already returned; the rest is withheld while it could begin a stop string
 
 
 class Engine:
@@ -141,16 +140,17 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    output_ids: Sequence[int] = (), prefill_only: bool = False) -> None:
+                    output_ids: Sequence[int] = (), prefill_only: bool = False, text_sent: int | None = None) -> None:
         """Queue a request; raise InvalidRequest (state unchanged) when it cannot be served.
 
         `output_ids` resumes a request that already generated those tokens elsewhere (replay or a
-        failed handoff). `prefill_only` stops after the first token with finish_reason "handoff" and
-        keeps the blocks (see `held`) until `release`, unless the request ended at that token anyway.
+        failed handoff); `text_sent` is how many chars of their text the client has (None: all of it).
+        `prefill_only` stops after the first token with finish_reason "handoff" and keeps the blocks
+        (see `held`) until `release`, unless the request ended at that token anyway.
         """
         seq = self._new_seq(request_id, prompt, params, output_ids)
         seq.prefill_only = prefill_only
-        self._register(seq)
+        self._register(seq, text_sent)
         self.scheduler.add(seq)
 
     def _new_seq(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
@@ -173,9 +173,16 @@ class Engine:
         if len(output_ids) >= params.max_tokens:
             raise InvalidRequest("the request already generated max_tokens tokens", "max_tokens")
 
-    def _register(self, seq: Seq, pending: int = 0) -> None:
+    def _register(self, seq: Seq, text_sent: int | None = None) -> None:
+        """Track `seq`; a resumed one replays its earlier tokens through the detokenizer, so that the text
+        withheld elsewhere (incomplete UTF-8, a possible stop string) is still emitted and a stop string
+        that spans the cut is still found."""
         self.seqs[seq.request_id] = seq
-        self.texts[seq.request_id] = _Text(Detokenizer(self.tokenizer, seq.token_ids, pending))
+        state = _Text(Detokenizer(self.tokenizer, seq.token_ids[:seq.num_prompt]))
+        for t in seq.token_ids[seq.num_prompt:]:
+            state.text += state.detok.add(t)
+        state.sent = len(state.text) if text_sent is None else min(max(text_sent, 0), len(state.text))
+        self.texts[seq.request_id] = state
 
     # ---- disaggregation: the decode side -----------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> list[int] | None:
@@ -207,11 +214,11 @@ class Engine:
         return gone
 
     def add_prefilled(self, request_id: str, prompt_ids: Sequence[int], first_token: int,
-                      params: SamplingParams, num_cached: int = 0, first_text_sent: bool = True) -> None:
+                      params: SamplingParams, num_cached: int = 0, text_sent: int | None = None) -> None:
         """Continue a request whose prompt KV arrived in its reserved blocks and whose first token is known.
 
-        `first_text_sent` is False when the first token decoded to no text yet (an incomplete UTF-8
-        sequence): its text is then emitted here with the next token's.
+        `text_sent`: chars of the first token's text the prefill worker emitted (it withholds incomplete
+        UTF-8 and what could begin a stop string); the rest is emitted here.
         """
         entry = self.reserved.get(request_id)
         if entry is None:
@@ -225,7 +232,7 @@ class Engine:
         seq.num_computed = seq.num_prompt
         seq.num_cached = num_cached
         seq.first_token_time = time.monotonic()
-        self._register(seq, pending=0 if first_text_sent else 1)
+        self._register(seq, text_sent)
         self.kv.commit(seq)
         self.scheduler.add_running(seq)
 
@@ -318,9 +325,9 @@ class Engine:
                 reason = "length"
             elif seq.prefill_only:
                 reason = "handoff"
-        if reason is not None:
+        if reason is not None and reason != "handoff":
             end = len(state.text)
-        else:
+        else:  # withhold what could begin a stop string (a handoff's decode worker carries on from `sent`)
             end = max(state.sent, len(state.text) - (max(map(len, p.stop)) - 1 if p.stop else 0))
         new_text = state.text[state.sent:end]
         state.sent = end

@@ -41,17 +41,17 @@ class Tokenizer:
 class Detokenizer:
     """Incremental decoding: text deltas as tokens arrive, holding back incomplete UTF-8.
 
-    The tokens it starts with count as already emitted, except the last `pending` ones: a resumed request
-    (replay, handoff) continues after the text its earlier tokens produced elsewhere.
+    A resumed request (replay, handoff) feeds its earlier output tokens through a fresh one, so the
+    deltas, and what is held back, are those the first worker saw.
     """
 
     CONTEXT = 6  # prompt tokens kept so the first output token decodes with its left context
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], pending: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-(self.CONTEXT + pending):])
+        self.ids = list(prompt_ids[-self.CONTEXT:])
         self.prefix = 0
-        self.read = len(self.ids) - pending  # the last `pending` tokens' text is still to be emitted
+        self.read = len(self.ids)
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text it completes (may be empty)."""

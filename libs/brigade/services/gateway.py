@@ -102,10 +102,12 @@ class Flow:
         self.created = int(time.time())
         self.request_ids = [f"{self.id}-{i}" for i in range(req.num_choices)]
         self.finished = [False] * req.num_choices
-        # Per choice, for replay (DESIGN §3.6): its inbox, the worker serving it, the tokens it has so far.
+        # Per choice, for replay (DESIGN §3.6): its inbox, the worker serving it, the tokens it has so far
+        # and the chars of their text that reached the client.
         self.inboxes: list[str] = []
         self.worker = [""] * req.num_choices
         self.output: list[list[int]] = [[] for _ in range(req.num_choices)]
+        self.text_sent = [0] * req.num_choices
         self.replays = [0] * req.num_choices
         self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.subs: list[Subscription] = []
@@ -148,7 +150,8 @@ class Flow:
         gw = self.gw
         msg = P.GenerateRequest(self.request_ids[index], list(self.req.prompt_of(index).ids),
                                 asdict(self.req.choice_params(index)), inbox, model=self.req.model,
-                                arrival=time.time(), output_ids=list(self.output[index]))
+                                arrival=time.time(), output_ids=list(self.output[index]),
+                                text_sent=self.text_sent[index])
         try:
             accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout,
                                                               headers=tracing.headers(self.span)))
@@ -232,6 +235,7 @@ class Flow:
             if chunk.worker_id and chunk.worker_id != self.worker[index]:
                 self._serving(index, chunk.worker_id)  # e.g. the decode worker, after a handoff
             self.output[index].extend(chunk.token_ids)
+            self.text_sent[index] += len(chunk.text)
             if chunk.token_ids:
                 if seen[index]:
                     metrics.itl.observe(now - last[index])

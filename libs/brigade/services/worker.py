@@ -141,7 +141,7 @@ class Worker:
     async def _add(self, req: P.GenerateRequest, params: SamplingParams, prefill_only: bool) -> None:
         try:
             await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
-                                    req.output_ids, prefill_only)
+                                    req.output_ids, prefill_only, req.text_sent)
         except (InvalidRequest, ValueError) as e:
             self._end_trace(req.request_id, str(e))
             if self.active.pop(req.request_id, None) is not None:
@@ -230,7 +230,7 @@ class Worker:
                                  tracing.TRANSFER_SECONDS: seconds})
             span.end()
             handoff = P.Handoff(asdict(req), first.new_token_ids[0], alloc.block_ids, first.num_cached_tokens,
-                                first_text_sent=bool(first.new_text))
+                                text_sent=len(first.new_text))
             ack = P.Ack.decode(await self.bus.request(P.worker_handoff(dest), handoff, timeout=timeout,
                                                       headers=tracing.headers(parent) if parent else None))
             if not ack.ok:
@@ -265,7 +265,8 @@ class Worker:
         """Resend the request (with its first token) to a live decode worker, which prefills it itself."""
         if req.request_id in self.cancelled:
             return
-        resume = P.GenerateRequest(**{**asdict(req), "output_ids": list(first.new_token_ids), "decode_worker": None})
+        resume = P.GenerateRequest(**{**asdict(req), "output_ids": list(first.new_token_ids),
+                                      "text_sent": len(first.new_text), "decode_worker": None})
         traced = self.spans.get(req.request_id)
         headers = tracing.headers(traced.span) if traced is not None else None
         for target in self._fallback_targets(str(req.decode_worker)):
@@ -353,7 +354,7 @@ class Worker:
         try:
             params = SamplingParams.from_dict(req.params)
             await self.aengine.call(self.engine.add_prefilled, rid, req.prompt_ids, h.first_token, params, h.num_cached,
-                                    h.first_text_sent)
+                                    h.text_sent)
         except (InvalidRequest, ValueError) as e:
             await self.aengine.call(self.engine.abort, rid)
             await self.bus.respond(msg, P.Ack(False, str(e)))
