@@ -28,18 +28,21 @@ def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
         yield u
 
 
-@pytest.mark.parametrize("seed", [None, 7])
-def test_worker_killed_mid_stream_is_replayed(up: Up, tiny_models: dict[str, Path], seed: int | None) -> None:
-    """Greedy and seeded sampling alike: the text equals what one uninterrupted engine produces."""
+@pytest.mark.parametrize("seed,stop", [(None, []), (7, []), (None, ["<|a stop string never produced|>"])],
+                         ids=["greedy", "seeded", "withheld"])
+def test_worker_killed_mid_stream_is_replayed(up: Up, tiny_models: dict[str, Path], seed: int | None,
+                                              stop: list[str]) -> None:
+    """Greedy and seeded sampling alike: the text equals what one uninterrupted engine produces. With a long
+    stop string the dead worker had withheld the text that could begin it: the new worker emits it."""
     ref = Engine(EngineConfig(model=str(tiny_models["llama"]), num_blocks=128))
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **(
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, stop=stop, **(
         {"temperature": 0.0} if seed is None else {"temperature": 0.8, "seed": seed}))
     [want] = ref.generate([ref.tokenizer.encode(PROMPT)], params)
     assert up.nats is not None
 
     watch = SubjectWatch(up.nats.url, P.worker_generate("*"))  # learns which worker the router chose
     body: dict[str, Any] = {"model": "llama", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True,
-                            "stream": True, "stream_options": {"include_usage": True}}
+                            "stream": True, "stream_options": {"include_usage": True}, "stop": stop}
     body.update({"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed})
     url = f"http://{up.cfg.host}:{up.cfg.port}"
     events = []
