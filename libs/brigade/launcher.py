@@ -57,6 +57,7 @@ def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
     at all by a single-port probe."""
     eph = _ephemeral()
     pool = [p for p in range(20000, 32000 - n) if p not in eph and p + n - 1 not in eph]
+    pool = pool or list(range(1024, 65536 - n))  # the ephemeral range covers nearly every port: probe any
     for base in random.sample(pool, min(len(pool), 200)):
         ports = range(base, base + n)
         if not _handed_out.intersection(ports) and all(_bindable(host, p) for p in ports):
