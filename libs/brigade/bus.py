@@ -22,10 +22,6 @@ log = logging.getLogger("brigade.bus")
 
 DEFAULT_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 30.0  # services may start before NATS (compose): keep trying this long, then fail
-# nats-server can answer "no responders" for a subject another connection subscribed and flushed just
-# before (measured: ~3% of first requests under CPU load; an immediate retry is served). Ask again after
-# these pauses before believing it; a subject nobody serves costs them once.
-NO_RESPONDERS_RETRY = (0.01, 0.05)
 # Headers count against the server's max payload but the client checks only the payload: keep room.
 HEADER_MARGIN = 4096
 
@@ -88,20 +84,13 @@ class Bus:
                       headers: dict[str, str] | None = None) -> bytes:
         """Request/reply; BusError on timeout or when nobody listens."""
         data = msg.encode() if isinstance(msg, Message) else msg
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for pause in (*NO_RESPONDERS_RETRY, None):
-            try:
-                left = max(0.001, deadline - loop.time())
-                reply = await self.nc.request(subject, data, timeout=left, headers=headers or None)
-                return bytes(reply.data)
-            except NoRespondersError as e:
-                if pause is None or loop.time() + pause >= deadline:
-                    raise BusError(f"no responders on {subject}") from e
-                await asyncio.sleep(pause)
-            except (TimeoutError, NatsTimeout) as e:
-                raise BusError(f"timeout after {timeout}s on {subject}") from e
-        raise AssertionError("unreachable")
+        try:
+            reply = await self.nc.request(subject, data, timeout=timeout, headers=headers or None)
+        except NoRespondersError as e:
+            raise BusError(f"no responders on {subject}") from e
+        except (TimeoutError, NatsTimeout) as e:
+            raise BusError(f"timeout after {timeout}s on {subject}") from e
+        return bytes(reply.data)
 
     async def respond(self, msg: Msg, reply: Message | bytes, headers: dict[str, str] | None = None) -> None:
         """Answer a request (publish to its reply subject; `msg.respond` cannot carry headers)."""
@@ -120,6 +109,13 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=cb)
 
     async def flush(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Return once the server has processed everything sent so far (subscriptions included)."""
+        # nats-py writes flush()'s PING straight to the socket while SUB/PUB wait in its pending buffer for
+        # the flusher task: under CPU load the PONG came back before the SUB went out, and another
+        # connection's request got "no responders" (8 of 300 here). Write the pending buffer first.
+        write_pending = getattr(self.nc, "_flush_pending", None)
+        if write_pending is not None:
+            await write_pending(force_flush=True)
         await self.nc.flush(timeout=timeout)
 
     async def close(self) -> None:
