@@ -84,8 +84,16 @@ class Message:
             raise ProtocolError(f"{cls.__name__}: unsupported message version {version!r}")
         if raw.get("k") != cls.KIND:
             raise ProtocolError(f"expected {cls.KIND!r}, got {raw.get('k')!r}")
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
+        """The message from its fields (one nested in another message); unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except TypeError as e:  # a required field missing
+            raise ProtocolError(f"{cls.__name__}: {e}") from e
 
 
 @dataclass
@@ -198,6 +206,9 @@ class Allocation(Message):
     request_id: str
     block_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    # The decode worker's WorkerStatus fields: how to reach its cache (layout, shm name, host, NIXL agent), for a
+    # prefill worker that has not seen its heartbeat yet (both just started).
+    status: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

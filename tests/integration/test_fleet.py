@@ -17,6 +17,8 @@ from helpers import free_port, latest
 
 from brigade import protocol as P
 from brigade.bus import Bus
+from brigade.engine.engine import Engine, EngineConfig
+from brigade.engine.sampling import SamplingParams
 from brigade.launcher import Up, UpConfig
 
 
@@ -109,3 +111,31 @@ def test_failed_kv_transfer_falls_back_to_local_prefill(tiny_models: dict[str, P
         prefill.terminate()
         prefill.wait(timeout=30)
         up.stop()
+
+
+def test_failed_handoff_falls_back_to_the_prefill_worker(tiny_models: dict[str, Path]) -> None:
+    """The only decode worker is too small for the prompt: it refuses the KV allocation and the request, so the
+    prefill worker serves the request itself, under the same request id, and the text is still exact. (It
+    used to hang: the prefill worker still held the request's blocks under that id when it sent it to itself.)"""
+    model = str(tiny_models["llama"])
+    prompt = "A prompt long enough to need more KV blocks than the small decode worker has: " * 3
+    ref = Engine(EngineConfig(model=model, num_blocks=128))
+    [want] = ref.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    with Up(UpConfig(model=model, port=free_port(), mode="disagg", prefill=1, decode=0, disagg_threshold=4,
+                     kv_transport="nats", worker_args=("--num-blocks", "128"))) as up:
+        assert up.nats is not None
+        argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.url, "--model", model,
+                "--worker-id", "small-1", "--threads", "1", "--num-blocks", "2", "--kv-transport", "nats"]
+        small = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            asyncio.run(_wait_status(up.nats.url, "small-1"))
+            time.sleep(0.3)  # the router has seen the same heartbeat by now
+            r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", timeout=60, json={
+                "model": "llama", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want.text
+            served = {w: st.served for w, st in latest(up.nats.url).items()}
+            assert served.get("small-1", 0) == 0 and served["prefill-0"] >= 1, served
+        finally:
+            small.terminate()
+            small.wait(timeout=30)

@@ -697,10 +697,7 @@ class NatsReceiver:
     def _decode(self, data: bytes) -> tuple[KvChunk, np.ndarray]:
         assert self._layout is not None and self._rows is not None
         layout = self._layout
-        try:
-            chunk = KvChunk.decode(data)
-        except TypeError as e:  # a field missing
-            raise _Refused(f"malformed KvChunk: {e}") from e
+        chunk = KvChunk.decode(data)  # ProtocolError when undecodable or a field is missing
         ids = chunk.block_ids
         if not isinstance(ids, list) or not all(isinstance(b, int) for b in ids):
             raise _Refused("block_ids must be a list of ints")

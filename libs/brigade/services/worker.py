@@ -218,6 +218,8 @@ class Worker:
             if alloc.error:
                 raise transfer.TransferError(f"decode worker {dest} refused allocation: {alloc.error}")
             allocated = True
+            if alloc.status:
+                self._on_status(P.WorkerStatus.from_dict(alloc.status))
             src = list(held.block_ids[:len(alloc.block_ids)])
             peer = self._peer(dest)
             assert self.sender is not None
@@ -245,13 +247,14 @@ class Worker:
                     await self.bus.publish(P.worker_release(dest), P.Release(rid))
                 except Exception as release_error:  # a closed bus: the lease frees them
                     log.debug("release of %s on %s failed: %s", rid, dest, release_error)
-            await self._fallback(req, first)
         finally:
             if span.is_recording():  # not ended yet: the transfer failed or never started
                 span.end()
             self.active.pop(rid, None)
             self._end_trace(rid, error)
             await self.aengine.call(self.engine.release, rid)
+        if error is not None:  # after the release: the fallback may be this worker, under the same request id
+            await self._fallback(req, first)
 
     def _fallback_targets(self, failed: str) -> list[str]:
         """Live decode workers, least loaded first, the one that just failed last; then this worker."""
@@ -310,7 +313,7 @@ class Worker:
         # A sender that dies never hands off: once the lease is over, forget the request and tell its client.
         self.leases[a.request_id] = a.reply_to
         asyncio.get_running_loop().call_later(a.lease_s + 0.5, self._lease_over, a.request_id)
-        await self.bus.respond(msg, P.Allocation(a.request_id, blocks))
+        await self.bus.respond(msg, P.Allocation(a.request_id, blocks, status=asdict(self.status())))
 
     def _lease_over(self, rid: str) -> None:
         reply_to = self.leases.pop(rid, None)
@@ -432,7 +435,10 @@ class Worker:
 
     # ---- status ------------------------------------------------------------------------------
     async def _on_peer(self, msg: Any) -> None:
-        status = P.WorkerStatus.decode(msg.data)
+        self._on_status(P.WorkerStatus.decode(msg.data))
+
+    def _on_status(self, status: P.WorkerStatus) -> None:
+        """A peer's heartbeat, or the status a decode worker put in its Allocation."""
         if status.worker_id != self.id:
             self.peers[status.worker_id] = status
             self.peer_seen[status.worker_id] = time.monotonic()
