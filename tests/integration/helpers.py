@@ -7,12 +7,20 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from brigade import protocol as P
 from brigade.bench.compare import fleet, heartbeats
 from brigade.bus import Bus
 from brigade.launcher import free_port, free_ports
 
-__all__ = ["SubjectWatch", "free_port", "free_ports", "heartbeats", "latest"]
+__all__ = ["SubjectWatch", "free_port", "free_ports", "heartbeats", "latest", "metric_samples"]
+
+
+def metric_samples(text: str) -> dict[tuple[str, str], float]:
+    """Every sample of a /metrics page, keyed by (name, its labels as sorted "k=v" joined by commas)."""
+    return {(s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def latest(nats: str) -> dict[str, P.WorkerStatus]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import SubjectWatch, free_port, free_ports, latest
+from helpers import SubjectWatch, free_port, free_ports, latest, metric_samples
 from netns import Netns, NetnsUnavailable
-from prometheus_client.parser import text_string_to_metric_families
 
 from brigade import protocol as P
 from brigade.engine.engine import Engine, EngineConfig
@@ -59,10 +58,9 @@ def _complete(url: str, prompt: str, stream: bool = False, max_tokens: int = MAX
 
 def _transfers(port: int) -> tuple[float, float]:
     """(bytes moved, failures) of the nixl transport on the prefill worker serving /metrics at `port`."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-           if s.labels.get("transport") == "nixl"}
-    return got.get("brigade:kv_transfer_bytes_total", 0.0), got.get("brigade:kv_transfer_failures_total", 0.0)
+    got = metric_samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+    return (got.get(("brigade:kv_transfer_bytes_total", "transport=nixl"), 0.0),
+            got.get(("brigade:kv_transfer_failures_total", "transport=nixl"), 0.0))
 
 
 def _tx_bytes(dev: str) -> int:

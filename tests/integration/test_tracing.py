@@ -9,8 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, free_ports
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import free_port, free_ports, metric_samples
 
 from brigade.bench.otlp import OtlpReceiver, ReceivedSpan
 from brigade.launcher import Up, UpConfig
@@ -107,12 +106,11 @@ def test_worker_metrics_count_kv_transfers(up: Up) -> None:
                    json={"model": "llama", "prompt": "count my bytes please", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200
     text = httpx.get(f"http://127.0.0.1:{up.cfg.metrics_port + 1}/metrics", timeout=5).text  # prefill-0
-    samples = {(s.name, s.labels.get("transport")): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
-    transfers = samples[("brigade:kv_transfer_seconds_count", "shm")]
+    samples = metric_samples(text)
+    transfers = samples[("brigade:kv_transfer_seconds_count", "transport=shm")]
     assert transfers >= 1
-    assert samples[("brigade:kv_transfer_bytes_total", "shm")] > 0
-    assert samples.get(("brigade:kv_transfer_failures_total", "shm"), 0) == 0
+    assert samples[("brigade:kv_transfer_bytes_total", "transport=shm")] > 0
+    assert samples.get(("brigade:kv_transfer_failures_total", "transport=shm"), 0) == 0
 
 
 def test_expert_shard_spans_join_the_request_trace(tiny_models: dict[str, Path], receiver: OtlpReceiver) -> None:
@@ -143,9 +141,7 @@ def test_expert_shard_spans_join_the_request_trace(tiny_models: dict[str, Path],
 
 def _scrape(url: str) -> dict[tuple[str, str], float]:
     """Every sample of a /metrics page, keyed by (name, sorted labels)."""
-    text = httpx.get(url, timeout=5).text
-    return {(s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return metric_samples(httpx.get(url, timeout=5).text)
 
 
 def _total(samples: dict[tuple[str, str], float], name: str) -> float:
