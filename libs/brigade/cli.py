@@ -14,7 +14,7 @@ from typing import Any
 def _make_model(args: argparse.Namespace) -> int:
     from brigade.model.make import make_model
 
-    out = make_model(args.arch, args.size, args.out, seed=args.seed)
+    out = make_model(args.arch, args.size, args.out, seed=args.seed, vocab=args.vocab)
     print(out)
     return 0
 
@@ -199,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the size's own)")
     m.set_defaults(fn=_make_model)
 
     g = sub.add_parser("generate", help="run the in-process engine on one prompt")

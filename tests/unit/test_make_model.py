@@ -243,3 +243,14 @@ def test_demo_model_dir_is_made_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (path / "junk").write_text("x")
     assert demo_model_dir() == path and not (path / "junk").exists()
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["demo"]
+
+
+def test_vocab_override(tmp_path: Path) -> None:
+    """--vocab sets the tokenizer's and the model's vocabulary together (benchmarks pick the LM head's width)."""
+    out = make_model("llama", "tiny", tmp_path / "m", vocab=512)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 512
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == 512
+    with pytest.raises(ValueError, match="vocab"):
+        make_model("llama", "tiny", tmp_path / "bad", vocab=8)

@@ -337,8 +337,11 @@ def make_config(spec: ModelSpec, token_ids: dict[str, int]) -> PretrainedConfig:
     return cfg
 
 
-def make_model(arch: str, size: str, out: str | Path, seed: int = 0) -> Path:
+def make_model(arch: str, size: str, out: str | Path, seed: int = 0, vocab: int | None = None) -> Path:
     """Write an HF checkpoint for `arch`/`size` with random weights from `seed` into `out`; return its path.
+
+    `vocab` overrides the size's vocabulary (the tokenizer is trained to it): the LM head's width decides much
+    of a CPU step's cost, so benchmarks pick it to match the model they stand in for.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
     The same arguments always give byte-identical files.
@@ -346,6 +349,10 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0) -> Path:
     from transformers import GenerationConfig
 
     spec = model_spec(arch, size)  # validates before touching the disk
+    if vocab is not None:
+        if vocab < 256:
+            raise ValueError(f"vocab must be at least 256, got {vocab}")
+        spec = dataclasses.replace(spec, vocab=vocab)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = _write_tokenizer(out, spec.vocab, spec.max_positions)
