@@ -34,6 +34,8 @@ RUN /opt/venv/bin/pip install --find-links /wheels /src \
 
 # ---- runtime
 FROM python:3.11-slim
+# g++ builds the native CPU kernels on first use, for the CPU the container runs on (kernels/native.py).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -58,10 +58,13 @@ def _engine(model_dir: Path, **kw: object) -> Engine:
     return Engine(EngineConfig(model=str(model_dir), **kw))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers(tiny_models: dict[str, Path], arch: str) -> None:
+def test_greedy_matches_transformers(tiny_models: dict[str, Path], arch: str, fast: bool) -> None:
     ref = _reference(tiny_models[arch])
-    outs = _engine(tiny_models[arch], num_blocks=512).generate(PROMPTS, GREEDY)
+    eng = _engine(tiny_models[arch], num_blocks=512, fast_path=fast)
+    assert eng.model.fast is fast
+    outs = eng.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == ref
 
 

@@ -49,7 +49,10 @@ class EngineConfig:
     chunked_prefill: bool = True
     prefix_caching: bool = True
     max_model_len: int | None = None
-    attention: str = "auto"  # torch | triton | auto
+    attention: str = "auto"  # torch | native | triton | auto
+    # Packed matmuls, fused native kernels and in-place paged attention where they apply (float32 on the CPU);
+    # False runs the eager reference path everywhere (what the fast path is tested against).
+    fast_path: bool = True
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None  # torch threads; None leaves torch's setting alone
@@ -106,9 +109,11 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
-        attention = make_attention(config.attention, config.block_size, config.device)
-        self.model = model or load_model(config.model, DTYPES[config.dtype], attention=attention,
-                                         device=config.device, experts=experts)
+        dtype = DTYPES[config.dtype]
+        name = config.attention if config.fast_path or config.attention != "auto" else "torch"
+        attention = make_attention(name, config.block_size, config.device, dtype)
+        self.model = model or load_model(config.model, dtype, attention=attention, device=config.device,
+                                         experts=experts, fast=None if config.fast_path else False)
         self.tokenizer = tokenizer or Tokenizer(config.model)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)

@@ -1,4 +1,5 @@
-"""Paged attention behind one small interface: a torch path (CPU) and a Triton decode path (GPU).
+"""Paged attention behind one small interface: a torch reference path, a native CPU path that reads blocks in
+place (float32), and a Triton decode path (GPU).
 
 A step's tokens are laid out decode-first: tokens [0, num_decode) are one query each from running
 sequences; then each prefill chunk is a contiguous run. Every token's K/V is written into the paged
@@ -48,7 +49,13 @@ class AttnMeta:
 
 
 class Attention(Protocol):
-    """Writes this step's K/V into the layer's cache and returns attention output [T, H, D]."""
+    """Writes this step's K/V into the layer's cache and returns attention output [T, H, D].
+
+    `reads_tables`: decode queries read `block_tables`/`context_lens`, so the runner need not build the padded
+    `decode_groups` (which only the torch path uses).
+    """
+
+    reads_tables: bool
 
     def __call__(
         self,
@@ -63,8 +70,15 @@ class Attention(Protocol):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
-    """SDPA with grouped-query heads: q [.., H, L, D], k/v [.., KVH, S, D] (no repeated K/V copies)."""
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[-3] != k.shape[-3], **kw)  # type: ignore[arg-type]
+    """SDPA for one sequence, q [H, L, D] over k/v [KVH, S, D] (grouped-query heads).
+
+    Called with a batch dimension and K/V heads repeated: on the CPU that takes torch's flash kernel, while 3-D
+    inputs or `enable_gqa` fall back to the math path, measured 3x slower for 512-2048-token prefills here.
+    """
+    if q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], **kw)[0]  # type: ignore[arg-type]
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -124,7 +138,9 @@ def decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 class TorchAttention:
-    """Gathers decode sequences' pages into padded groups of similar length and runs SDPA; CPU default."""
+    """Gathers decode sequences' pages into padded groups of similar length: the reference path."""
+
+    reads_tables = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
@@ -136,8 +152,38 @@ class TorchAttention:
         return out
 
 
+class NativeAttention:
+    """The native CPU kernel for decode tokens (K/V rows read where they lie in the paged cache, no gathered
+    copy); prefill chunks as in torch. Float32 only: `make_attention` picks it for float32 CPU models."""
+
+    reads_tables = True
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
+        from brigade.kernels import native
+
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode
+        if not meta.prefills:
+            assert meta.block_tables is not None and meta.context_lens is not None
+            return native.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                                 meta.context_lens, self.block_size, scale)
+        out = torch.empty_like(q)
+        if nd:
+            assert meta.block_tables is not None and meta.context_lens is not None
+            out[:nd] = native.paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables,
+                                                     meta.context_lens, self.block_size, scale)
+        prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+        return out
+
+
 class TritonAttention:
     """Triton paged decode kernel (split-KV, GQA) for decode tokens; prefill chunks as in torch."""
+
+    reads_tables = True
 
     def __init__(self, block_size: int) -> None:
         from brigade.kernels import triton_attention
@@ -159,15 +205,31 @@ class TritonAttention:
         return out
 
 
-def make_attention(name: str, block_size: int, device: str = "cpu") -> Attention:
-    """`torch`, `triton`, or `auto` (Triton on a CUDA device when it imports, torch otherwise)."""
+def make_attention(name: str, block_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Attention:
+    """`torch`, `native`, `triton`, or `auto`: Triton on a CUDA device when it imports; native on the CPU in
+    float32 when the kernels build; torch otherwise."""
     if name == "auto":
-        name = "triton" if device.startswith("cuda") and _triton_ok() else "torch"
+        if device.startswith("cuda"):
+            name = "triton" if _triton_ok() else "torch"
+        else:
+            name = "native" if dtype == torch.float32 and _native_ok() else "torch"
     if name == "torch":
         return TorchAttention()
+    if name == "native":
+        if dtype != torch.float32 or not device.startswith("cpu"):
+            raise ValueError("the native attention kernel runs float32 on the CPU")
+        if not _native_ok():
+            raise ValueError("the native attention kernel could not be built (see the log)")
+        return NativeAttention(block_size)
     if name == "triton":
         return TritonAttention(block_size)
-    raise ValueError(f"unknown attention backend {name!r} (torch, triton, auto)")
+    raise ValueError(f"unknown attention backend {name!r} (torch, native, triton, auto)")
+
+
+def _native_ok() -> bool:
+    from brigade.kernels import native
+
+    return native.available()
 
 
 def _triton_ok() -> bool:

@@ -2,6 +2,10 @@
 
 Plain tensors and functional ops, no nn.Module: a step's tokens arrive flattened ([T]) with their
 positions, attention metadata says which cache slots each token writes and reads.
+
+Two paths compute the same function. The reference path is eager torch, op by op as Hugging Face does it. The
+fast path (float32 on the CPU, `fast=True`) multiplies by oneDNN-prepacked weights and runs the pointwise steps
+as fused native kernels: residual add + RMSNorm in one pass, rotary in place on the fused qkv rows, SiLU-and-mul.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from brigade.kernels import linear as L
+from brigade.kernels import native
 from brigade.kernels.attention import Attention, AttnMeta, TorchAttention
 from brigade.kernels.moe import MoEExecutor, default_experts
 from brigade.model.config import ModelConfig, ModelError, load_config, rope_inv_freq
@@ -78,7 +84,10 @@ class Model:
     """Weights plus `forward`; built by `load_model`."""
 
     def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
-                 experts: MoEExecutor | None = None, attention: Attention | None = None) -> None:
+                 experts: MoEExecutor | None = None, attention: Attention | None = None,
+                 fast: bool | None = None) -> None:
+        """`fast`: use the fast path (None: wherever it applies, i.e. float32 on the CPU with the native
+        kernels built); False keeps the eager reference path."""
         self.cfg = cfg
         self.attention: Attention = attention or TorchAttention()
         t = dict(tensors)
@@ -128,6 +137,21 @@ class Model:
             self.experts = experts or default_experts(expert_w)
         self.inv_freq = rope_inv_freq(cfg)
         self.scale = cfg.head_dim ** -0.5
+        applies = (self.dtype == torch.float32 and self.embed.device.type == "cpu" and L.can_pack(self.embed)
+                   and native.available())
+        if fast and not applies:
+            raise ModelError("the fast path needs a float32 model on the CPU and the native kernels")
+        self.fast = applies if fast is None else fast
+        if self.fast:
+            self._pack()
+
+    def _pack(self) -> None:
+        """Reorder every dense weight into oneDNN's layout once (the embedding keeps its own for lookups)."""
+        for layer in self.layers:
+            layer.qkv, layer.o = L.pack(layer.qkv), L.pack(layer.o)
+            if layer.gate_up is not None and layer.down is not None:
+                layer.gate_up, layer.down = L.pack(layer.gate_up), L.pack(layer.down)
+        self.lm_head = L.pack(self.lm_head)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -136,6 +160,8 @@ class Model:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 kv: list[tuple[torch.Tensor, torch.Tensor]], logits_index: torch.Tensor) -> torch.Tensor:
         """Run one step; return fp32 logits [len(logits_index), vocab] for the selected tokens."""
+        if self.fast:
+            return self._forward_fast(input_ids, positions, meta, kv, logits_index)
         cfg = self.cfg
         n_q, n_kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
@@ -155,6 +181,39 @@ class Model:
         h = rms_norm(h[logits_index], self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
 
+    def _forward_fast(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
+                      kv: list[tuple[torch.Tensor, torch.Tensor]], logits_index: torch.Tensor) -> torch.Tensor:
+        """The reference forward's function with packed matmuls and fused pointwise kernels (float32, CPU).
+
+        `residual` carries the running hidden state; each `add_rms_norm` adds the previous block's output
+        to it in place and normalizes, as the reference's `h = h + ...; rms_norm(h)` pair does.
+        """
+        cfg = self.cfg
+        n_q, n_kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        residual = F.embedding(input_ids, self.embed)
+        delta: torch.Tensor | None = None
+        eps = cfg.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            x = native.add_rms_norm(delta, residual, layer.input_norm, eps)
+            qkv = L.linear(x, layer.qkv, layer.qkv_bias)
+            native.rotary(qkv, cos, sin, cfg.num_heads + cfg.num_kv_heads, d)
+            q = qkv[:, :n_q].view(-1, cfg.num_heads, d)
+            k = qkv[:, n_q:n_q + n_kv].view(-1, cfg.num_kv_heads, d)
+            v = qkv[:, n_q + n_kv:].view(-1, cfg.num_kv_heads, d)
+            o = self.attention(q, k, v, kv[i][0], kv[i][1], meta, self.scale)
+            x = native.add_rms_norm(L.linear(o.reshape(-1, n_q), layer.o), residual, layer.post_norm, eps)
+            if layer.router is None:
+                assert layer.gate_up is not None and layer.down is not None
+                delta = L.linear(native.silu_mul(L.linear(x, layer.gate_up)), layer.down)
+            else:
+                delta = self._mlp(i, layer, x)
+        assert delta is not None
+        residual.add_(delta)
+        h = native.add_rms_norm(None, residual[logits_index], self.norm, eps)
+        return L.linear(h, self.lm_head)
+
     def _mlp(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if layer.router is None:
             assert layer.gate_up is not None and layer.down is not None
@@ -169,7 +228,7 @@ class Model:
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                attention: Attention | None = None, experts: MoEExecutor | None = None,
-               device: str = "cpu") -> Model:
+               device: str = "cpu", fast: bool | None = None) -> Model:
     """Load a Hugging Face checkpoint directory into a `Model`."""
     cfg = load_config(model_dir)
     # With an executor given, the experts' weights live elsewhere (shards): do not even read them.
@@ -177,4 +236,4 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
     tensors = load_tensors(model_dir, keep=keep, dtype=dtype)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    return Model(cfg, tensors, experts=experts, attention=attention)
+    return Model(cfg, tensors, experts=experts, attention=attention, fast=fast)
