@@ -92,8 +92,10 @@ def test_rotary_in_place_on_fused_rows() -> None:
     assert torch.equal(got[:, (h + kvh) * d:], qkv[:, (h + kvh) * d:])
 
 
-def test_silu_mul() -> None:
-    gu = torch.randn(5, 2 * 96, generator=torch.Generator().manual_seed(5)) * 4
+@pytest.mark.parametrize("inter", [96, 13])  # whole vectors of eight lanes, and a tail
+def test_silu_mul(inter: int) -> None:
+    gu = torch.randn(5, 2 * inter, generator=torch.Generator().manual_seed(5)) * 4
+    gu[0, :6] = torch.tensor([-200.0, -88.0, -20.0, 0.0, 30.0, 200.0])  # both ends of exp's range
     gate, up = gu.chunk(2, dim=-1)
     torch.testing.assert_close(native.silu_mul(gu), F.silu(gate) * up)
 

@@ -9,6 +9,58 @@
 #include <cstdint>
 #include <vector>
 
+// exp(x) for float32 within ~2 ulp (Cephes' polynomial on x = n ln2 + r), eight lanes at a time with GCC's
+// vector extensions: std::exp is a scalar libm call, which made silu_mul 6x slower than torch's SiLU, and a
+// scalar version of this function did not vectorize either (the float/int bit cast stops GCC's vectorizer).
+// Inputs are clamped to the finite range, so exp(-inf) gives ~1e-38 rather than 0.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f exp8(v8f x) {
+    const v8f lo = v8f{} - 87.3f, hi = v8f{} + 88.7f;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    v8f t = x * 1.44269504088896341f + 0.5f;
+    v8i ni = __builtin_convertvector(t, v8i);
+    v8f n = __builtin_convertvector(ni, v8f);
+    ni = n > t ? ni - 1 : ni;  // floor: the conversion truncates toward zero
+    n = __builtin_convertvector(ni, v8f);
+    const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8f p = v8f{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    return p * (v8f)((ni + 127) << 23);
+}
+
+// dst[i] = exp(src[i] - shift) for i < n; returns their sum.
+static inline float exp_shifted(const float* src, float* dst, int64_t n, float shift) {
+    v8f acc = v8f{};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f v;
+        __builtin_memcpy(&v, src + i, sizeof v);
+        v = exp8(v - shift);
+        __builtin_memcpy(dst + i, &v, sizeof v);
+        acc += v;
+    }
+    float sum = 0.f;
+    for (int k = 0; k < 8; ++k) sum += acc[k];
+    if (i < n) {
+        v8f v = v8f{} - 1e30f;  // padding lanes: exp underflows to ~0 and is not stored
+        __builtin_memcpy(&v, src + i, (n - i) * sizeof(float));
+        v = exp8(v - shift);
+        for (int64_t k = 0; k < n - i; ++k) {
+            dst[i + k] = v[k];
+            sum += v[k];
+        }
+    }
+    return sum;
+}
+
 extern "C" {
 
 // out[n, H, D] = softmax(q . K^T * scale) V for each decode query over its paged context.
@@ -46,11 +98,7 @@ void paged_decode_attention(const float* q, const float* k_cache, const float* v
                 float* sg = scores.data() + g * len;
                 float mx = -INFINITY;
                 for (int64_t t = 0; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
-                float sum = 0.f;
-                for (int64_t t = 0; t < len; ++t) {
-                    sg[t] = std::exp(sg[t] - mx);
-                    sum += sg[t];
-                }
+                const float sum = exp_shifted(sg, sg, len, mx);
                 const float inv = 1.f / sum;
                 for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
             }
@@ -121,7 +169,18 @@ void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter, int
         const float* g = gate_up + r * 2 * inter;
         const float* u = g + inter;
         float* o = out + r * inter;
-        for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8) {
+            v8f gv, uv;
+            __builtin_memcpy(&gv, g + i, sizeof gv);
+            __builtin_memcpy(&uv, u + i, sizeof uv);
+            const v8f ov = gv / (1.f + exp8(v8f{} - gv)) * uv;
+            __builtin_memcpy(o + i, &ov, sizeof ov);
+        }
+        for (; i < inter; ++i) {
+            v8f gv = v8f{} + g[i];
+            o[i] = (gv / (1.f + exp8(v8f{} - gv)))[0] * u[i];
+        }
     }
 }
 
