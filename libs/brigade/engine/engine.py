@@ -298,7 +298,7 @@ class Engine:
         self.num_steps += 1
         if not samplers:
             return []
-        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt], s.output_ids, _generator(s)) for s in samplers]
+        rows = [_row(s) for s in samplers]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
         return [self._append(seq, smp, now) for seq, smp in zip(samplers, sampled, strict=True)]
@@ -390,6 +390,15 @@ class Engine:
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
         }
+
+
+def _row(seq: Seq) -> SampleRow:
+    """What the sampler needs of `seq`; the token lists are copied only for rows whose penalties or min_tokens
+    read them (a copy of every context every step was measurable at large batches)."""
+    p = seq.params
+    if p.has_penalties or p.min_tokens:
+        return SampleRow(p, seq.token_ids[:seq.num_prompt], seq.output_ids, _generator(seq))
+    return SampleRow(p, (), (), _generator(seq))
 
 
 def _generator(seq: Seq) -> torch.Generator | None:
