@@ -7,6 +7,7 @@ chunks stay under the server's max payload.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -64,6 +65,18 @@ class ProtocolError(ValueError):
 T = TypeVar("T", bound="Message")
 
 
+def _unpack(data: bytes, what: str) -> dict[str, Any]:
+    """The msgpack map of a message of our major version; ProtocolError otherwise."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"undecodable {what}: {e}") from e
+    if not isinstance(raw, dict) or raw.get("v") != VERSION:
+        version = raw.get("v") if isinstance(raw, dict) else None
+        raise ProtocolError(f"{what}: unsupported message version {version!r}")
+    return raw
+
+
 @dataclass
 class Message:
     """Base: `encode` to msgpack bytes, `decode` back; unknown fields are ignored (forward compat)."""
@@ -75,13 +88,7 @@ class Message:
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-            raise ProtocolError(f"undecodable {cls.__name__}: {e}") from e
-        if not isinstance(raw, dict) or raw.get("v") != VERSION:
-            version = raw.get("v") if isinstance(raw, dict) else None
-            raise ProtocolError(f"{cls.__name__}: unsupported message version {version!r}")
+        raw = _unpack(data, cls.__name__)
         if raw.get("k") != cls.KIND:
             raise ProtocolError(f"expected {cls.KIND!r}, got {raw.get('k')!r}")
         return cls.from_dict(raw)
@@ -114,6 +121,9 @@ class GenerateRequest(Message):
     # possible stop string) and is emitted by the new worker.
     output_ids: list[int] = field(default_factory=list)
     text_sent: int | None = None
+    # Where the worker may send this request's tokens in TokenBatch messages shared with the other requests of
+    # the same gateway (one message per step per gateway); "": TokenChunk messages to reply_to only.
+    batch_to: str = ""
 
 
 @dataclass
@@ -145,6 +155,51 @@ class TokenChunk(Message):
     worker_id: str = ""
     error: str | None = None
     retry: bool = False  # the error is the serving path's, not the request's: the gateway may replay it elsewhere
+
+
+_CHUNK_FIELDS = [f.name for f in fields(TokenChunk)]
+_chunk_row = operator.attrgetter(*_CHUNK_FIELDS)
+
+
+@dataclass
+class TokenBatch(Message):
+    """Worker -> gateway (GenerateRequest.batch_to): one step's TokenChunks for every request of that gateway.
+
+    On the wire a table, not a list of maps: `fields` (TokenChunk's field names, once) and one row of values
+    per chunk, so a step of hundreds of requests costs one message and one decode. Rows are read by name:
+    a field the receiver does not know is ignored, one the sender did not send takes its default.
+    """
+
+    KIND: ClassVar[str] = "token_batch"
+    chunks: list[TokenChunk]
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": VERSION, "k": self.KIND, "fields": _CHUNK_FIELDS,
+                              "rows": [_chunk_row(c) for c in self.chunks]}, use_bin_type=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
+        names, rows = raw.get("fields"), raw.get("rows")
+        if not isinstance(names, list) or not isinstance(rows, list):
+            raise ProtocolError("TokenBatch: fields and rows are required")
+        try:
+            if names == _CHUNK_FIELDS:  # the same version on both ends: positional
+                return cls([TokenChunk(*row) for row in rows])
+            known = [(i, n) for i, n in enumerate(names) if n in _CHUNK_FIELDS]
+            return cls([TokenChunk(**{n: row[i] for i, n in known}) for row in rows])
+        except (TypeError, IndexError) as e:  # a malformed row, a required field missing
+            raise ProtocolError(f"TokenBatch: {e}") from e
+
+
+def decode_tokens(data: bytes) -> list[TokenChunk]:
+    """The chunks of a message on a gateway's token inbox: a TokenBatch, or a single TokenChunk."""
+    raw = _unpack(data, "token message")
+    kind = raw.get("k")
+    if kind == TokenBatch.KIND:
+        return TokenBatch.from_dict(raw).chunks
+    if kind == TokenChunk.KIND:
+        return [TokenChunk.from_dict(raw)]
+    raise ProtocolError(f"expected a token message, got {kind!r}")
 
 
 @dataclass

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from helpers import free_port, heartbeats, latest
 
+from brigade import protocol as P
+from brigade.bus import Bus
 from brigade.engine.engine import Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 from brigade.launcher import Up, UpConfig
@@ -145,6 +149,99 @@ def test_openai_client(stack: Stack, reference: Engine) -> None:
     chunks = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
                                             stream=True, extra_body=extra)  # type: ignore[arg-type]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want_chat
+
+
+N_STREAMS = 8
+BATCH_TOKENS = 32
+
+
+async def _stream_text(client: httpx.AsyncClient, url: str, body: dict[str, object]) -> tuple[str, str]:
+    """(request id on the bus, text) of one streamed completion."""
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    return f"{events[0]['id']}-0", "".join(c["text"] for e in events for c in e["choices"])
+
+
+async def _unbatched_text(bus: Bus, ids: list[int], params: dict[str, object]) -> tuple[str, int]:
+    """A GenerateRequest sent to the router without batch_to, as any other sender: (text, messages received)."""
+    inbox = bus.inbox()
+    chunks: list[P.TokenChunk] = []
+    done = asyncio.Event()
+
+    async def on_chunk(msg: Any) -> None:
+        chunks.append(P.TokenChunk.decode(msg.data))  # a TokenBatch would fail here
+        if chunks[-1].finish_reason is not None:
+            done.set()
+
+    sub = await bus.subscribe(inbox, on_chunk)
+    await bus.flush()
+    req = P.GenerateRequest(uuid.uuid4().hex, ids, params, inbox)
+    assert P.Accepted.decode(await bus.request(P.ROUTER_GENERATE, req, timeout=30)).error is None
+    await asyncio.wait_for(done.wait(), 60)
+    await sub.unsubscribe()
+    assert all(c.error is None for c in chunks), chunks[-1].error
+    return "".join(c.text for c in chunks), len(chunks)
+
+
+async def test_tokens_come_back_in_one_message_per_step(stack: Stack, reference: Engine) -> None:
+    """N concurrent streams: each worker step sends one TokenBatch to the gateway carrying every stream's tokens,
+    and each stream's text equals the in-process engine's and that of the unbatched path (TokenChunks)."""
+    prompts = [f"Request {i} asks about the {word} of" for i, word in
+               enumerate(["colour", "weight", "history", "price", "future", "shape", "smell", "sound"])]
+    assert len(prompts) == N_STREAMS
+    params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
+    ids = [reference.tokenizer.encode(p) for p in prompts]
+    want = [reference.generate([i], params)[0].text for i in ids]
+    assert len(set(want)) > 1  # distinct streams, so a mix-up between them shows
+
+    bus = await Bus.connect(stack.nats, "test-batch-watch")
+    batches: list[list[P.TokenChunk]] = []  # every TokenBatch of every gateway (`<prefix>.batch`)
+    singles: list[P.TokenChunk] = []  # TokenChunks on any inbox (request replies there are not token messages)
+
+    async def on_batch(msg: Any) -> None:
+        batches.append(P.TokenBatch.decode(msg.data).chunks)
+
+    async def on_inbox(msg: Any) -> None:
+        if msg.subject.endswith(".batch"):
+            return
+        try:
+            singles.extend(P.decode_tokens(msg.data))
+        except P.ProtocolError:
+            pass  # a reply to a request (Accepted, Allocation, ...)
+
+    try:
+        await bus.subscribe("_INBOX.*.batch", on_batch)
+        await bus.subscribe("_INBOX.*.*", on_inbox)
+        await bus.flush()
+        body = _body(stack, max_tokens=BATCH_TOKENS, stream=True)
+        async with httpx.AsyncClient(timeout=60) as client:
+            got = await asyncio.gather(*(_stream_text(client, stack.url, {**body, "prompt": p}) for p in prompts))
+        assert [text for _, text in got] == want
+
+        rids = {rid for rid, _ in got}
+        mine = [[c for c in b if c.request_id in rids] for b in batches]
+        deadline = time.monotonic() + 5  # the watcher's copies may trail the gateway's
+        while sum(len(c.token_ids) for b in mine for c in b) < N_STREAMS * BATCH_TOKENS:
+            assert time.monotonic() < deadline, "the watcher did not see every token in a TokenBatch"
+            await asyncio.sleep(0.05)
+            mine = [[c for c in b if c.request_id in rids] for b in batches]
+        mine = [b for b in mine if b]
+        # Every token of the streams travelled in TokenBatches, none as a TokenChunk of its own.
+        assert not [c for c in singles if c.request_id in rids and c.token_ids]
+        chunks = sum(len(b) for b in mine)
+        assert max(len(b) for b in mine) >= N_STREAMS // 2, [len(b) for b in mine]
+        assert len(mine) <= chunks / 2, f"{len(mine)} messages for {chunks} chunks: not batched per step"
+        for rid, text in got:
+            assert "".join(c.text for b in mine for c in b if c.request_id == rid) == text
+
+        # The unbatched path (no batch_to: TokenChunks to reply_to, one per step) gives the same texts.
+        unbatched = await asyncio.gather(*(_unbatched_text(bus, i, asdict(params)) for i in ids))
+        assert [text for text, _ in unbatched] == want
+        assert all(n >= BATCH_TOKENS for _, n in unbatched)  # one message per token: nothing was batched
+    finally:
+        await bus.close()
 
 
 async def _cancel_many(url: str, body: dict[str, object], n: int, concurrency: int) -> int:

@@ -1,14 +1,21 @@
 """The gateway: OpenAI-compatible HTTP in front, NATS behind (DESIGN §3). Wiring and I/O only.
 
 Validation and response bodies live in `brigade.openai_api`; this module admits requests, fans each one out
-into one GenerateRequest per choice, relays TokenChunks from the per-choice inboxes, and cancels on the bus
+into one GenerateRequest per choice, relays TokenChunks to the choices' streams, and cancels on the bus
 whatever the client stops waiting for.
+
+Tokens come back on one wildcard subscription per gateway: each choice has its own inbox under the gateway's
+prefix (`<prefix>.<n>`, its reply_to), and workers send a step's tokens for all of this gateway's requests
+in one TokenBatch on `<prefix>.batch` (its batch_to). The callback decodes each message once and puts the
+chunks, by request id, into their flows' queues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import itertools
 import json
 import logging
 import signal
@@ -23,6 +30,7 @@ from typing import Any
 import uvicorn
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -40,8 +48,18 @@ from brigade.config import GatewayConfig
 from brigade.model.tokenizer import Tokenizer
 
 log = logging.getLogger("brigade.gateway")
-_REPLAY = b"replay"  # a queue item (by identity): the worker serving that choice is gone; replay it
 WATCH_PERIOD_S = 0.5
+
+
+class _Signal(enum.Enum):
+    """Queue items that are not tokens."""
+
+    REPLAY = "replay"  # the worker serving that choice is gone: replay it
+    SHUTDOWN = "shutdown"  # the gateway is stopping: end the request with a 503
+
+
+# What a Flow's queue holds, per choice index: a decoded chunk, a signal, or the error of an undecodable message.
+_Item = tuple[int, P.TokenChunk | _Signal | P.ProtocolError]
 
 # Bucket edges as vLLM uses them, so its dashboards read these histograms unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -109,24 +127,21 @@ class Flow:
         self.output: list[list[int]] = [[] for _ in range(req.num_choices)]
         self.text_sent = [0] * req.num_choices
         self.replays = [0] * req.num_choices
-        self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
-        self.subs: list[Subscription] = []
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.closed = False
         gw.flows.add(self)
 
     async def start(self) -> None:
-        """Subscribe one inbox per choice, then route every choice; ApiError(503) when nobody takes one."""
-        inboxes = []
+        """Give every choice an inbox, then route every choice; ApiError(503) when nobody takes one."""
         try:
-            for i in range(self.req.num_choices):
-                inbox = self.gw.bus.inbox()
-                # Subscribed before the request leaves, so no token can arrive ahead of the subscription.
-                self.subs.append(await self.gw.bus.subscribe(inbox, self._on_message(i)))
-                inboxes.append(inbox)
-            self.inboxes = inboxes
+            # Subscribed before the request leaves, so no token can arrive ahead of the subscription.
+            await self.gw.subscribe_tokens()
         except Exception as e:  # a closed connection: nats-py raises its own types
             raise api.ApiError(503, f"bus unavailable ({e})", code="no_worker_available") from e
-        results = await asyncio.gather(*(self._route(i, inbox) for i, inbox in enumerate(inboxes)),
+        self.inboxes = [self.gw.new_inbox() for _ in range(self.req.num_choices)]
+        for i, (rid, inbox) in enumerate(zip(self.request_ids, self.inboxes, strict=True)):
+            self.gw.by_request[rid] = self.gw.by_inbox[inbox] = (self, i)
+        results = await asyncio.gather(*(self._route(i, inbox) for i, inbox in enumerate(self.inboxes)),
                                        return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -140,22 +155,16 @@ class Flow:
             tracing.REQUEST_MAX_TOKENS: p.max_tokens, tracing.REQUEST_TEMPERATURE: p.temperature,
             tracing.REQUEST_TOP_P: p.top_p, "brigade.stream": r.stream})
 
-    def _on_message(self, index: int) -> Callable[[Msg], Coroutine[Any, Any, None]]:
-        async def on_message(msg: Msg) -> None:
-            self.queue.put_nowait((index, msg.data))
-
-        return on_message
-
     async def _route(self, index: int, inbox: str) -> None:
         gw = self.gw
         msg = P.GenerateRequest(self.request_ids[index], list(self.req.prompt_of(index).ids),
                                 asdict(self.req.choice_params(index)), inbox, model=self.req.model,
                                 arrival=time.time(), output_ids=list(self.output[index]),
-                                text_sent=self.text_sent[index])
+                                text_sent=self.text_sent[index], batch_to=gw.batch_subject)
         try:
             accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout,
                                                               headers=tracing.headers(self.span)))
-        except (BusError, P.ProtocolError) as e:
+        except (BusError, P.ProtocolError, ConnectionClosedError) as e:
             raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
         if accepted.code == 400:  # the worker judged the request itself invalid: the client's problem
             raise api.ApiError(400, accepted.error or "invalid request")
@@ -180,7 +189,9 @@ class Flow:
                                code="worker_lost")
         old = self.request_ids[index]
         self.replays[index] += 1
-        self.request_ids[index] = f"{self.id}-{index}-r{self.replays[index]}"
+        new = self.request_ids[index] = f"{self.id}-{index}-r{self.replays[index]}"
+        self.gw.by_request.pop(old, None)  # whatever the old worker still sends is dropped
+        self.gw.by_request[new] = (self, index)
         self.worker[index] = ""
         self.gw.metrics.replayed.labels(reason).inc()
         self.span.add_event("replayed", {"reason": reason, "choice": index, "tokens": len(self.output[index])})
@@ -199,29 +210,28 @@ class Flow:
         seen = [False] * len(self.finished)
         while not all(self.finished):
             try:
-                index, data = self.queue.get_nowait()
+                index, chunk = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 silent_until = min(t + cfg.token_timeout for t, done in zip(last, self.finished, strict=True)
                                    if not done)
                 try:
-                    index, data = await asyncio.wait_for(self.queue.get(),
-                                                         max(0.0, min(deadline, silent_until) - loop.time()))
+                    # timeout_at, not wait_for: wait_for wraps the get in a new task, once per token.
+                    async with asyncio.timeout_at(min(deadline, silent_until)):
+                        index, chunk = await self.queue.get()
                 except TimeoutError:
                     if loop.time() >= deadline:
                         raise api.ApiError(504, f"request timed out after {cfg.request_timeout}s",
                                            code="timeout") from None
                     raise api.ApiError(504, f"no tokens for {cfg.token_timeout}s", code="timeout") from None
-            if index < 0:
-                raise api.ApiError(503, "the server is shutting down", code="shutting_down")
-            if data is _REPLAY:
-                if not self.finished[index]:
+            if not isinstance(chunk, P.TokenChunk):
+                if chunk is _Signal.SHUTDOWN:
+                    raise api.ApiError(503, "the server is shutting down", code="shutting_down")
+                if isinstance(chunk, P.ProtocolError):
+                    raise api.ApiError(500, f"bad token message: {chunk}", code="worker_error") from chunk
+                if not self.finished[index]:  # _Signal.REPLAY
                     await self.replay(index, "worker_lost")
                     last[index] = loop.time()
                 continue
-            try:
-                chunk = P.TokenChunk.decode(data)
-            except P.ProtocolError as e:
-                raise api.ApiError(500, f"bad token message: {e}", code="worker_error") from e
             if chunk.request_id != self.request_ids[index] or self.finished[index]:
                 continue  # a stray message (e.g. a late one after finish): not ours to show
             if chunk.error:
@@ -244,7 +254,6 @@ class Flow:
                     if not any(seen):
                         self.span.set_attribute(tracing.LATENCY_TTFT, now - self.t0)
                     seen[index] = True
-                metrics.generation_tokens.inc(len(chunk.token_ids))
             last[index] = now
             if chunk.finish_reason is not None:
                 self.finished[index] = True
@@ -255,11 +264,15 @@ class Flow:
             yield index, chunk
 
     def close(self) -> None:
-        """Free the slot; cancel every unfinished choice on the bus and drop the inboxes (in the background)."""
+        """Free the slot and the inboxes; cancel every unfinished choice on the bus (in the background)."""
         if self.closed:
             return
         self.closed = True
         self.gw.flows.discard(self)
+        for rid in self.request_ids:
+            self.gw.by_request.pop(rid, None)
+        for inbox in self.inboxes:
+            self.gw.by_inbox.pop(inbox, None)
         self.gw.release_slot()
         self.span.set_attributes({
             tracing.USAGE_PROMPT_TOKENS: self.prompt_tokens, tracing.USAGE_COMPLETION_TOKENS: self.completion_tokens,
@@ -267,14 +280,13 @@ class Flow:
             tracing.LATENCY_E2E: asyncio.get_running_loop().time() - self.t0})
         self.span.end()
         pending = [rid for rid, done in zip(self.request_ids, self.finished, strict=True) if not done]
-        self.gw.spawn(self._release(pending, self.subs))
+        if pending:
+            self.gw.spawn(self._cancel(pending))
 
-    async def _release(self, pending: list[str], subs: list[Subscription]) -> None:
+    async def _cancel(self, pending: list[str]) -> None:
         try:
             for rid in pending:
                 await self.gw.bus.publish(P.CANCEL, P.Cancel(rid))
-            for sub in subs:
-                await sub.unsubscribe()
         except Exception as e:  # a closed bus: the workers' own timeouts reclaim the requests
             log.warning("cancelling %s: %s", self.id, e)
 
@@ -282,7 +294,7 @@ class Flow:
 class _EventStream(EventSourceResponse):
     """An SSE response that always runs `on_close` when it ends, even if the body never started."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         # The grace period lets a stream told to stop (Gateway.shutdown) end with an error event and [DONE].
         super().__init__(content, sep="\n", shutdown_grace_period=2.0)
         self.on_close = on_close
@@ -299,8 +311,16 @@ def _trace_error(span: tracing.Span, e: api.ApiError) -> None:
     tracing.fail(span, str(e))
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# json.dumps with any non-default option builds a new encoder per call: build it once.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _events(bodies: list[Any]) -> bytes:
+    """SSE `data:` events of JSON bodies, as sse-starlette frames a str with sep="\n" (JSON holds no raw newline).
+
+    Bytes pass through sse-starlette untouched, and the events of one chunk go out in one write.
+    """
+    return "".join(f"data: {_dumps(b)}\n\n" for b in bodies).encode()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -325,11 +345,52 @@ class Gateway:
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
         self.seen: dict[str, float] = {}  # worker id -> loop time of its last heartbeat
         self.stopping: set[str] = set()
+        # Token inboxes: `<prefix>.<n>` per choice, `<prefix>.batch` for TokenBatches; one subscription to `<prefix>.*`.
+        self.prefix = bus.inbox()
+        self.batch_subject = f"{self.prefix}.batch"
+        self._inbox_ids = itertools.count()
+        self._tokens_sub: Subscription | None = None
+        self._tokens_lock = asyncio.Lock()
+        self.by_request: dict[str, tuple[Flow, int]] = {}  # request id -> its flow and choice index
+        self.by_inbox: dict[str, tuple[Flow, int]] = {}  # choice inbox -> the same (for undecodable messages)
 
     async def start(self) -> None:
         """Watch the workers' heartbeats, so requests on a worker that dies are replayed elsewhere."""
+        await self.subscribe_tokens()
         await self.bus.subscribe(P.HEARTBEAT, self._on_status)
         self.spawn(self._watch())
+
+    async def subscribe_tokens(self) -> None:
+        """Subscribe to this gateway's token inboxes, once (the first request does it if start() did not)."""
+        if self._tokens_sub is not None:
+            return
+        async with self._tokens_lock:
+            if self._tokens_sub is None:
+                self._tokens_sub = await self.bus.subscribe(f"{self.prefix}.*", self._on_tokens)
+
+    def new_inbox(self) -> str:
+        return f"{self.prefix}.{next(self._inbox_ids)}"
+
+    async def _on_tokens(self, msg: Msg) -> None:
+        """Every token message of this gateway: decoded once, each chunk to its flow (unknown ids are dropped)."""
+        try:
+            chunks = P.decode_tokens(msg.data)
+        except P.ProtocolError as e:
+            route = self.by_inbox.get(msg.subject)  # a choice's own inbox: fail that choice, as a bad chunk
+            if route is None:
+                log.warning("dropping a bad token message on %s: %s", msg.subject, e)
+            else:
+                route[0].queue.put_nowait((route[1], e))
+            return
+        by_request = self.by_request
+        tokens = 0
+        for chunk in chunks:
+            route = by_request.get(chunk.request_id)
+            if route is not None:
+                route[0].queue.put_nowait((route[1], chunk))
+                tokens += len(chunk.token_ids)
+        if tokens:
+            self.metrics.generation_tokens.inc(tokens)  # once per message, not per chunk
 
     async def _on_status(self, msg: Msg) -> None:
         st = P.WorkerStatus.decode(msg.data)
@@ -351,7 +412,7 @@ class Gateway:
                 for i, w in enumerate(flow.worker):
                     if w in gone and not flow.finished[i]:
                         flow.worker[i] = ""  # one replay per loss
-                        flow.queue.put_nowait((i, _REPLAY))
+                        flow.queue.put_nowait((i, _Signal.REPLAY))
             for w in gone - self.stopping:
                 del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
 
@@ -370,7 +431,7 @@ class Gateway:
     def shutdown(self) -> None:
         """End every request in flight with a 503 (streams: an error event, then [DONE])."""
         for flow in self.flows:
-            flow.queue.put_nowait((-1, b""))
+            flow.queue.put_nowait((0, _Signal.SHUTDOWN))
 
     async def aclose(self) -> None:
         """Wait for pending cancellations to reach the bus (before it is closed)."""
@@ -450,22 +511,22 @@ class Gateway:
         consumer.result()  # re-raises an ApiError
         return JSONResponse(api.final_body(flow.req, flow.id, flow.created, choices, self.token_text))
 
-    async def _stream(self, flow: Flow) -> AsyncIterator[str]:
+    async def _stream(self, flow: Flow) -> AsyncIterator[bytes]:
         fmt = api.StreamFormatter(flow.req, flow.id, flow.created, self.token_text)
         try:
+            tail: list[Any] = []
             try:
-                for body in fmt.start():
-                    yield _dumps(body)
+                if start := fmt.start():
+                    yield _events(start)
                 async for index, chunk in flow.events():
-                    for body in fmt.on_chunk(index, chunk):
-                        yield _dumps(body)
-                for body in fmt.end():
-                    yield _dumps(body)
+                    if bodies := fmt.on_chunk(index, chunk):
+                        yield _events(bodies)
+                tail = fmt.end()
             except api.ApiError as e:  # headers are gone: report in-band, as vLLM does
                 self.metrics.failed.labels(str(e.status)).inc()
                 _trace_error(flow.span, e)
-                yield _dumps(e.body())
-            yield "[DONE]"
+                tail = [e.body()]
+            yield _events(tail) + b"data: [DONE]\n\n"
         finally:
             flow.close()  # a client that went away cancels here (the task is cancelled under us)
 

@@ -149,6 +149,10 @@ class Worker:
                                                                   worker_id=self.id))
 
     async def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Stream one step's tokens: one TokenBatch per gateway (batch_to), a TokenChunk to any other sender."""
+        batches: dict[str, list[P.TokenChunk]] = {}
+        singles: list[tuple[str, P.TokenChunk]] = []
+        handoffs: list[tuple[P.GenerateRequest, RequestOutput]] = []
         for out in outputs:
             req = self.active.get(out.request_id)
             if req is None:
@@ -158,16 +162,36 @@ class Worker:
                 out.request_id, out.new_token_ids, out.new_text,
                 None if handoff else out.finish_reason, out.stop_reason, out.num_prompt_tokens,
                 out.num_output_tokens, out.num_cached_tokens, _logprobs(out), self.id)
-            await self.bus.publish(req.reply_to, chunk)
+            if req.batch_to:
+                batches.setdefault(req.batch_to, []).append(chunk)
+            else:
+                singles.append((req.reply_to, chunk))
             traced = self.spans.get(out.request_id)
             if traced is not None:
                 traced.on_output(out)
             if handoff:
-                self._spawn(self._handoff(req, out))
+                handoffs.append((req, out))
             elif out.finished:
                 del self.active[out.request_id]
                 self.served += 1
                 self._end_trace(out.request_id)
+        for subject, chunk in singles:
+            await self.bus.publish(subject, chunk)
+        for subject, chunks in batches.items():
+            await self._publish_batch(subject, chunks)
+        # After the publishes: the first token is on the wire before its handoff (and the decode worker's tokens).
+        for req, out in handoffs:
+            self._spawn(self._handoff(req, out))
+
+    async def _publish_batch(self, subject: str, chunks: list[P.TokenChunk]) -> None:
+        """One TokenBatch, or halves of it in order while it exceeds the bus's max payload."""
+        data = P.TokenBatch(chunks).encode()
+        if len(data) > self.bus.max_payload and len(chunks) > 1:
+            half = len(chunks) // 2
+            await self._publish_batch(subject, chunks[:half])
+            await self._publish_batch(subject, chunks[half:])
+            return
+        await self.bus.publish(subject, data)
 
     async def _on_step_error(self, error: BaseException) -> None:
         """A step raised: fail every request this worker holds rather than leave clients hanging."""
@@ -337,7 +361,7 @@ class Worker:
 
     async def _on_handoff(self, msg: Any) -> None:
         h = P.Handoff.decode(msg.data)
-        req = P.GenerateRequest(**h.request)
+        req = P.GenerateRequest.from_dict(h.request)
         rid = req.request_id
         self.leases.pop(rid, None)  # arrived: whatever happens now, the prefill worker hears of it in the Ack
         if self.receiver is not None:
