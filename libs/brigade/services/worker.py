@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from brigade import protocol as P
 from brigade import tracing
 from brigade.bus import Bus, BusError, heartbeat, publish_status
-from brigade.config import WorkerConfig, parse_cpus
+from brigade.config import WorkerConfig, parse_cpus, resolve_dtype
 from brigade.engine.async_engine import AsyncEngine
 from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
 from brigade.engine.sampling import SamplingParams
@@ -526,8 +526,10 @@ def build_engine(config: WorkerConfig, threads: int, experts: MoEExecutor | None
             nonlocal shm
             tensor, shm = transfer.shared_cache(None, shape, dtype, create=True)
             return tensor
+    model = resolve_model(config.model)
     ec = EngineConfig(
-        model=str(resolve_model(config.model)), block_size=config.block_size, num_blocks=config.num_blocks or None,
+        model=str(model), dtype=resolve_dtype(model, config.dtype), block_size=config.block_size,
+        num_blocks=config.num_blocks or None,
         kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, long_prefill_tokens=config.long_prefill_tokens,
         chunked_prefill=config.chunked_prefill,
