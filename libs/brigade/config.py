@@ -102,7 +102,7 @@ class WorkerConfig:
     num_blocks: int = 0  # 0: from kv_cache_bytes
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024
+    max_num_batched_tokens: int = 2048  # vLLM's default for its CPU server; larger prefill matmuls run faster
     long_prefill_tokens: int = 512  # most prompt tokens one request computes per step (0: no cap)
     chunked_prefill: bool = True
     prefix_caching: bool = True

@@ -114,8 +114,9 @@ def _p(t: torch.Tensor) -> int:
 
 
 def _check(*ts: torch.Tensor) -> None:
+    # Runs several times per layer: plain attribute checks only (`t.device.type` alone costs ~1 us).
     for t in ts:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             raise ValueError("native kernels take contiguous float32 CPU tensors")
 
 
