@@ -48,9 +48,12 @@ def _bench_offline(args: argparse.Namespace) -> int:
     from brigade.model.make import demo_model_dir
 
     model = str(demo_model_dir()) if args.model == "demo" else args.model
+    options = {k: tuple(v) for k, v in (("prompt_range", args.prompt_range), ("output_range", args.output_range))
+               if v}
     report = offline.bench(model, args.workload, args.requests, args.seed, args.threads, args.batch_size,
                            hf=not args.no_hf, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens, dtype=resolve_dtype(model, args.dtype))
+                           max_num_batched_tokens=args.max_num_batched_tokens, dtype=resolve_dtype(model, args.dtype),
+                           fast_path=not args.reference, options=options)
     print(offline.summary(report))
     if args.out:
         offline.write(report, args.out)
@@ -328,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--max-num-seqs", type=int, default=128)
     o.add_argument("--max-num-batched-tokens", type=int, default=1024)
     o.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    o.add_argument("--prompt-range", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens (mixed)")
+    o.add_argument("--output-range", type=int, nargs=2, metavar=("MIN", "MAX"), help="output tokens (mixed)")
+    o.add_argument("--reference", action="store_true", help="the eager reference path instead of the fast one")
     _dtype_flag(o)
     o.add_argument("--out", help="write the report as JSON")
     o.set_defaults(fn=_bench_offline)

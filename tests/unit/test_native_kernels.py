@@ -150,3 +150,11 @@ def test_disabled_by_environment(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "TorchAttention"], out.stderr
     assert not (tmp_path / "kernels").exists()
+
+
+def test_release_omp_threads_then_kernels_still_run() -> None:
+    """libgomp frees this thread's pool on request and makes a new one at the next parallel region."""
+    x = torch.randn(64, 256)
+    before = native.add_rms_norm(None, x.clone(), torch.ones(256), 1e-5)
+    assert native.release_omp_threads()
+    torch.testing.assert_close(native.add_rms_norm(None, x.clone(), torch.ones(256), 1e-5), before)

@@ -4,9 +4,9 @@ Systems are `up:` (a `brigade up` started and stopped here), `vllm:` (vLLM-CPU s
 its tuned setup and stopped here, `bench/vllm_cpu.py`), `url:` (a running server) or `hf_static:` (Hugging
 Face static batching in this process). For `up:` systems the workers' heartbeats are read before and after the
 run: requests and prompt tokens per worker (balance) and prefix-cache hits against the workload's cacheable
-tokens (`Request.cacheable`). With a top-level `vllm_bench: {python: PY, args: [...]}`, vLLM's own
-`vllm bench serve` also runs against every served system after Brigade's load generator (its JSON result
-under the system's `vllm_bench`).
+tokens (`Request.cacheable`). With a top-level `vllm_bench: {python: PY, args: [...]}` (or a list of them),
+vLLM's own `vllm bench serve` also runs against every served system after Brigade's load generator (its JSON
+results under the system's `vllm_bench`).
 """
 
 from __future__ import annotations
@@ -117,10 +117,14 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
         if nats_url:
             res["fleet"] = fleet_stats(before, asyncio.run(fleet(nats_url)), reqs)
         vb = conf.get("vllm_bench")
-        if vb:  # vLLM's own client on the same server, after ours
+        runs = vb if isinstance(vb, list) else [vb] if vb else []
+        results = []
+        for run in runs:  # vLLM's own client on the same server, after ours; a list runs each in turn
             print(f"brigade bench compare: vllm bench serve against {url}", file=sys.stderr, flush=True)
-            res["vllm_bench"] = bench_serve(str(vb["python"]), url, model, vb.get("args") or (),
-                                            vb.get("tokenizer") or tokenizer, timeout=float(vb.get("timeout", 3600)))
+            results.append(bench_serve(str(run["python"]), url, model, run.get("args") or (),
+                                       run.get("tokenizer") or tokenizer, timeout=float(run.get("timeout", 3600))))
+        if results:
+            res["vllm_bench"] = results[0] if isinstance(vb, dict) else results
         return res
 
     def hf_static(spec: dict[str, Any]) -> dict[str, Any]:

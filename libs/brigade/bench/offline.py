@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,12 +144,14 @@ def bandwidth_floor_ms(engine: Engine) -> tuple[float, float]:
 
 def bench(model_dir: str, workload: str, n: int, seed: int, threads: int, batch_size: int,
           hf: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 1024,
-          dtype: str = "float32") -> Report:
-    """Run the engine (and the HF static baseline, in the same dtype) on one workload; return the report."""
+          dtype: str = "float32", fast_path: bool = True, options: dict[str, Any] | None = None) -> Report:
+    """Run the engine (and the HF static baseline, in the same dtype) on one workload; return the report.
+
+    `fast_path=False` measures the eager reference path; `options` go to the workload (e.g. mixed's ranges)."""
     torch.set_num_threads(threads)
-    engine = Engine(EngineConfig(model=model_dir, max_num_seqs=max_num_seqs,
+    engine = Engine(EngineConfig(model=model_dir, max_num_seqs=max_num_seqs, fast_path=fast_path,
                                  max_num_batched_tokens=max_num_batched_tokens, dtype=dtype))
-    requests = WORKLOADS[workload](n, engine.model.cfg.vocab_size, seed)
+    requests = WORKLOADS[workload](n, engine.model.cfg.vocab_size, seed, **(options or {}))
     engine.generate([list(requests[0].prompt_ids)], SamplingParams(max_tokens=4))  # warm-up
     run = run_engine(engine, requests)
     b1 = decode_batch1_ms(engine)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from brigade.engine.engine import Engine, RequestOutput
+from brigade.kernels import native
 
 log = logging.getLogger("brigade.engine")
 T = TypeVar("T")
@@ -68,6 +69,8 @@ class AsyncEngine:
         """Start the engine thread and hand its outputs to `on_outputs`, in step order; returns after `stop`."""
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()  # holds at most MAX_AHEAD steps (the engine thread waits beyond that)
+        # The model was loaded on this thread: its OpenMP pool would make libgomp throttle the engine thread's.
+        native.release_omp_threads()
         thread = threading.Thread(target=self._thread_main, name="engine", daemon=True)
         thread.start()
         try:
