@@ -29,6 +29,7 @@ from brigade.engine.async_engine import AsyncEngine
 from brigade.engine.engine import Engine, EngineConfig, InvalidRequest, RequestOutput
 from brigade.engine.sampling import SamplingParams
 from brigade.experts.remote import RemoteExperts
+from brigade.kernels import native
 from brigade.kernels.moe import MoEExecutor
 from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
@@ -535,7 +536,10 @@ def build_engine(config: WorkerConfig, threads: int, experts: MoEExecutor | None
         chunked_prefill=config.chunked_prefill,
         prefix_caching=config.prefix_caching, max_model_len=config.max_model_len or None,
         attention=config.attention, device=config.device, threads=threads, hash_seed=config.hash_seed)
-    return Engine(ec, allocate_cache=allocate, experts=experts), shm
+    engine = Engine(ec, allocate_cache=allocate, experts=experts)
+    # This (loading) thread's OpenMP pool would make libgomp throttle the engine thread's: see release_omp_threads.
+    native.release_omp_threads()
+    return engine, shm
 
 
 async def serve(config: WorkerConfig) -> None:
