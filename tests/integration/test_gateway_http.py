@@ -361,3 +361,13 @@ async def test_official_openai_client(nats_url: str, tok: Tokenizer) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             await asyncio.to_thread(client.completions.create, model="nope", prompt="x")
         assert info.value.code == "model_not_found"
+
+
+def test_streams_send_no_keepalive_pings() -> None:
+    """OpenAI and vLLM send no SSE comments; vLLM's benchmark client fails a stream whose first event is one."""
+    from brigade.services.gateway import _EventStream
+
+    async def body() -> Any:
+        yield b"data: x\n\n"
+
+    assert _EventStream(body(), lambda: None).ping_interval == 0

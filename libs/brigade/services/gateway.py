@@ -296,7 +296,9 @@ class _EventStream(EventSourceResponse):
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
         # The grace period lets a stream told to stop (Gateway.shutdown) end with an error event and [DONE].
-        super().__init__(content, sep="\n", shutdown_grace_period=2.0)
+        # No keep-alive pings (ping=0), as OpenAI and vLLM send none: vLLM's benchmark client fails a stream
+        # whose first event is an SSE comment, which a request queued for more than 15 s got.
+        super().__init__(content, sep="\n", shutdown_grace_period=2.0, ping=0)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
