@@ -29,6 +29,7 @@ from brigade.experts.channel import ChannelServer, socket_path
 from brigade.experts.dispatch import DTYPES
 from brigade.experts.placement import parse_placement, parse_shard
 from brigade.experts.shard import ExpertShard
+from brigade.kernels import native
 from brigade.model.config import load_config
 from brigade.model.make import resolve_model
 from brigade.procs import stop_on_signals
@@ -125,13 +126,21 @@ def load_shard(config: ExpertsConfig) -> ExpertShard:
     return ExpertShard.load(model, shard_id, [held] * cfg.num_layers, DTYPES[config.dtype], config.device, kernel)
 
 
+def _load(config: ExpertsConfig) -> ExpertShard:
+    """Load the shard, then free this thread's OpenMP pool: the shard computes on other threads, and a second
+    live pool makes libgomp throttle their spin-waits (see native.release_omp_threads)."""
+    shard = load_shard(config)
+    native.release_omp_threads()
+    return shard
+
+
 async def serve(config: ExpertsConfig) -> None:
     """Run one expert shard until SIGINT/SIGTERM."""
     if config.cpus:
         os.sched_setaffinity(0, parse_cpus(config.cpus))
     threads = config.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    shard = await asyncio.to_thread(load_shard, config)
+    shard = await asyncio.to_thread(_load, config)
     tracing.setup("experts", shard.shard_id)
     bus = await Bus.connect(config.nats, f"experts-{shard.shard_id}")
     service = ExpertsService(config, bus, shard, threads)
