@@ -69,7 +69,8 @@ class AsyncEngine:
         """Start the engine thread and hand its outputs to `on_outputs`, in step order; returns after `stop`."""
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()  # holds at most MAX_AHEAD steps (the engine thread waits beyond that)
-        # The model was loaded on this thread: its OpenMP pool would make libgomp throttle the engine thread's.
+        # Any OpenMP pool this thread made (loading a model here, say) would make libgomp throttle the engine
+        # thread's; a worker that loads elsewhere frees that thread's pool itself (build_engine).
         native.release_omp_threads()
         thread = threading.Thread(target=self._thread_main, name="engine", daemon=True)
         thread.start()

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from brigade.kernels import native
+
 
 @dataclass
 class PrefillSpan:
@@ -163,19 +165,17 @@ class NativeAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttnMeta, scale: float) -> torch.Tensor:
-        from brigade.kernels import native
-
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode
-        if not meta.prefills:
-            assert meta.block_tables is not None and meta.context_lens is not None
-            return native.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                 meta.context_lens, self.block_size, scale)
-        out = torch.empty_like(q)
         if nd:
             assert meta.block_tables is not None and meta.context_lens is not None
-            out[:nd] = native.paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables,
-                                                     meta.context_lens, self.block_size, scale)
+            decoded = native.paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables,
+                                                    meta.context_lens, self.block_size, scale)
+            if not meta.prefills:  # a pure decode step: the kernel's output is the whole answer
+                return decoded
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = decoded
         prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 
@@ -227,8 +227,6 @@ def make_attention(name: str, block_size: int, device: str = "cpu", dtype: torch
 
 
 def _native_ok() -> bool:
-    from brigade.kernels import native
-
     return native.available()
 
 

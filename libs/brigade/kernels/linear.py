@@ -32,7 +32,3 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
     return F.linear(x, w, bias)
 
-
-def weight_bytes(w: torch.Tensor) -> int:
-    """Bytes a step reads from this weight (a packed tensor has no storage to ask)."""
-    return w.numel() * w.element_size()

@@ -137,8 +137,7 @@ class Model:
             self.experts = experts or default_experts(expert_w)
         self.inv_freq = rope_inv_freq(cfg)
         self.scale = cfg.head_dim ** -0.5
-        applies = (self.dtype == torch.float32 and self.embed.device.type == "cpu" and L.can_pack(self.embed)
-                   and native.available())
+        applies = L.can_pack(self.embed) and native.available()  # float32 on the CPU, oneDNN, the kernels built
         if fast and not applies:
             raise ModelError("the fast path needs a float32 model on the CPU and the native kernels")
         self.fast = applies if fast is None else fast
