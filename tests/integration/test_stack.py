@@ -220,21 +220,29 @@ async def test_tokens_come_back_in_one_message_per_step(stack: Stack, reference:
             got = await asyncio.gather(*(_stream_text(client, stack.url, {**body, "prompt": p}) for p in prompts))
         assert [text for _, text in got] == want
 
+        # A choice the gateway replayed on another worker (a worker it took for lost under CPU load) carries
+        # the id `<rid>-r<n>` from then on; its tokens still travel in TokenBatches.
+        def choice(request_id: str) -> str:
+            return request_id.split("-r")[0]
+
         rids = {rid for rid, _ in got}
-        mine = [[c for c in b if c.request_id in rids] for b in batches]
+        mine = [[c for c in b if choice(c.request_id) in rids] for b in batches]
         deadline = time.monotonic() + 5  # the watcher's copies may trail the gateway's
         while sum(len(c.token_ids) for b in mine for c in b) < N_STREAMS * BATCH_TOKENS:
             assert time.monotonic() < deadline, "the watcher did not see every token in a TokenBatch"
             await asyncio.sleep(0.05)
-            mine = [[c for c in b if c.request_id in rids] for b in batches]
+            mine = [[c for c in b if choice(c.request_id) in rids] for b in batches]
         mine = [b for b in mine if b]
         # Every token of the streams travelled in TokenBatches, none as a TokenChunk of its own.
-        assert not [c for c in singles if c.request_id in rids and c.token_ids]
+        assert not [c for c in singles if choice(c.request_id) in rids and c.token_ids]
         chunks = sum(len(b) for b in mine)
         assert max(len(b) for b in mine) >= N_STREAMS // 2, [len(b) for b in mine]
         assert len(mine) <= chunks / 2, f"{len(mine)} messages for {chunks} chunks: not batched per step"
+        replayed = {choice(c.request_id) for b in mine for c in b if c.request_id not in rids}
         for rid, text in got:
-            assert "".join(c.text for b in mine for c in b if c.request_id == rid) == text
+            if rid not in replayed:  # a replayed choice's old worker may send tokens the gateway dropped
+                assert "".join(c.text for b in mine for c in b if c.request_id == rid) == text
+        assert len(replayed) < N_STREAMS, "every stream was replayed: nothing left to compare"
 
         # The unbatched path (no batch_to: TokenChunks to reply_to, one per step) gives the same texts.
         unbatched = await asyncio.gather(*(_unbatched_text(bus, i, asdict(params)) for i in ids))

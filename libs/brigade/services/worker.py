@@ -379,15 +379,18 @@ class Worker:
             await self.aengine.call(self.engine.abort, rid)
             await self.bus.respond(msg, P.Ack(False, "request was cancelled"))
             return
+        # Active before the add: the engine thread steps right after it, and that step's outputs can reach
+        # _on_outputs before this coroutine resumes; they would be dropped as an unknown request's.
+        self.active[rid] = req
         try:
             params = SamplingParams.from_dict(req.params)
             await self.aengine.call(self.engine.add_prefilled, rid, req.prompt_ids, h.first_token, params, h.num_cached,
                                     h.text_sent)
         except (InvalidRequest, ValueError) as e:
+            self.active.pop(rid, None)
             await self.aengine.call(self.engine.abort, rid)
             await self.bus.respond(msg, P.Ack(False, str(e)))
             return
-        self.active[rid] = req
         self._trace(rid, "decode", tracing.context_of(msg))
         await self.bus.respond(msg, P.Ack(True))
 
