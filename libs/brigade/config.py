@@ -65,7 +65,9 @@ def resolve_dtype(model: str | Path, name: str) -> str:
 class GatewayConfig:
     nats: str = DEFAULT_NATS
     model: str = "demo"
-    served_model_name: str = ""  # name in /v1/models and responses; default: the model dir's name
+    served_model_name: str = ""  # names clients send as `model`, comma-separated; default: the model as given
+    max_model_len: int = 0  # context limit checked here (0: the checkpoint's); workers get the same
+    api_key: str = ""  # clients must send `Authorization: Bearer <key>` on /v1/* (empty: no check)
     host: str = "127.0.0.1"
     port: int = 8000
     max_inflight: int = 256  # concurrent requests before 429

@@ -4,13 +4,17 @@ The gateway calls `parse_completion` / `parse_chat` (off the event loop: they to
 workers stream back with `final_body` or a `StreamFormatter`.
 
 Choices made where OpenAI and vLLM differ (clients and operators rely on them):
-- Unknown model: 400 with code "model_not_found" and param "model" (OpenAI and vLLM answer 404).
+- Unknown model: 404 with code "model_not_found" and param "model", as OpenAI and vLLM; the response names
+  the model as the client asked for it (one of the served names).
 - Default max_tokens: completions 16 (OpenAI legacy, as vLLM), clipped to the room left in the context;
   chat: the whole room left (max_model_len - prompt tokens), as vLLM.
 - An explicit max_tokens that does not fit beside the prompt is a 400 "context_length_exceeded".
 - temperature has no upper bound (vLLM); other ranges come from SamplingParams.validate.
-- Unknown fields are ignored (vLLM's default); fields that would change the answer but are not implemented
-  here (suffix, logit_bias, tools, non-text response_format, echo with logprobs) are a 400.
+- Unknown fields are ignored (vLLM's default) and named in `ApiRequest.ignored` for the gateway's log; fields
+  that would change the answer but are not implemented here (suffix, logit_bias, tools, non-text
+  response_format, echo with logprobs) are a 400.
+- Chat content given as a list of text parts is joined with newlines for templates that render content as a
+  string, and passed as the list to templates that iterate over parts (`Tokenizer.content_format`), as vLLM.
 - Logprob token strings are the decoded text of each token id, not the raw BPE piece.
 - n is 1..16; a completions prompt list fans out to len(prompts) * n choices, index = prompt_i * n + i.
 """
@@ -27,6 +31,7 @@ from typing import Any, Literal, Protocol
 from jinja2 import TemplateError
 
 from brigade.engine.sampling import InvalidParams, SamplingParams
+from brigade.model.tokenizer import content_format
 from brigade.protocol import TokenChunk
 
 MAX_N = 16
@@ -41,18 +46,28 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 _SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
 )
 
 # OpenAI's error `type` per HTTP status.
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+
+_COMMON_FIELDS = frozenset({
+    "model", "n", "stream", "stream_options", "max_tokens", "logprobs", "user", "logit_bias", "best_of",
+    *_SAMPLING_FIELDS})
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "functions", "tool_choice",
+    "parallel_tool_calls", "add_generation_prompt", "continue_final_message", "chat_template",
+    "chat_template_kwargs", "metadata", "store", "service_tier"}
 
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]
@@ -79,7 +94,11 @@ class TokenizerLike(Protocol):
     def __len__(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
-    def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]: ...
+    def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template: str | None = None,
+             template_kwargs: Mapping[str, Any] | None = None) -> list[int]: ...
+    @property
+    def content_format(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,7 @@ class ApiRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    ignored: tuple[str, ...] = ()  # fields of the body this server does not know (logged, as vLLM does)
 
     @property
     def num_choices(self) -> int:
@@ -132,7 +152,7 @@ def parse_json(body: bytes | str) -> dict[str, Any]:
     return data
 
 
-def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, served_model: str,
+def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, served_model: str | Sequence[str],
                      max_model_len: int) -> ApiRequest:
     """Validate a /v1/completions body and tokenize its prompt(s); ApiError on bad input."""
     data = body if isinstance(body, Mapping) else parse_json(body)
@@ -155,10 +175,11 @@ def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: Tokenizer
     else:
         max_tokens = _fit(longest, explicit, max_model_len, "prompt", "max_tokens")
     params = _params(data, max_tokens, logprobs, {"max_tokens": "max_tokens"})
-    return ApiRequest("completion", model, prompts, params, n, stream, include_usage, echo)
+    return ApiRequest("completion", model, prompts, params, n, stream, include_usage, echo,
+                      _unknown(data, COMPLETION_FIELDS))
 
 
-def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, served_model: str,
+def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, served_model: str | Sequence[str],
                max_model_len: int) -> ApiRequest:
     """Validate a /v1/chat/completions body and render its messages with the chat template."""
     data = body if isinstance(body, Mapping) else parse_json(body)
@@ -176,11 +197,28 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
     if top is not None and not want_logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (0 if top is None else top) if want_logprobs else None
-    messages = _messages(data.get("messages"))
+    add_generation_prompt = _bool(data, "add_generation_prompt", True)
+    continue_final = _bool(data, "continue_final_message", False)
+    if add_generation_prompt and continue_final and "add_generation_prompt" in data:
+        raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                       param="continue_final_message")
+    template = data.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ApiError(400, f"chat_template must be a string, got {template!r}", param="chat_template")
+    parts = content_format(template) if template is not None else tokenizer.content_format
+    messages = _messages(data.get("messages"), parts == "string")
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise ApiError(400, "continue_final_message needs an assistant message last", param="continue_final_message")
+    kwargs = data.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ApiError(400, f"chat_template_kwargs must be an object, got {kwargs!r}", param="chat_template_kwargs")
     try:
-        ids = tokenizer.chat(messages)
-    except (ValueError, TemplateError) as e:  # ModelError (no template) is a ValueError
-        raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        ids = tokenizer.chat(messages, add_generation_prompt and not continue_final, continue_final, template,
+                             kwargs)
+    except (ValueError, TypeError, TemplateError) as e:  # ModelError (no template) is a ValueError; a
+        # chat_template_kwargs name that collides with apply_chat_template's own arguments is a TypeError
+        raise ApiError(400, f"cannot apply the chat template: {e}",
+                       param="chat_template" if template is not None else "messages") from e
     if not ids:
         raise ApiError(400, "messages render to an empty prompt", param="messages")
     if explicit is None:
@@ -188,19 +226,25 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
     else:
         max_tokens = _fit(len(ids), explicit, max_model_len, "messages", field_name)
     params = _params(data, max_tokens, logprobs, {"max_tokens": field_name, "logprobs": "top_logprobs"})
-    return ApiRequest("chat", model, (Prompt(tuple(ids)),), params, n, stream, include_usage)
+    return ApiRequest("chat", model, (Prompt(tuple(ids)),), params, n, stream, include_usage,
+                      ignored=_unknown(data, CHAT_FIELDS))
 
 
-def _model(data: Mapping[str, Any], served: str) -> str:
+def _model(data: Mapping[str, Any], served: str | Sequence[str]) -> str:
+    names = (served,) if isinstance(served, str) else tuple(served)
     model = data.get("model")
     if model is None:
         raise ApiError(400, "you must provide a model parameter", param="model")
     if not isinstance(model, str):
         raise ApiError(400, f"model must be a string, got {model!r}", param="model")
-    if model != served:
-        raise ApiError(400, f"The model `{model}` does not exist; this server serves `{served}`", param="model",
-                       code="model_not_found")
+    if model not in names:
+        raise ApiError(404, f"The model `{model}` does not exist; this server serves "
+                       f"{', '.join(f'`{n}`' for n in names)}", param="model", code="model_not_found")
     return model
+
+
+def _unknown(data: Mapping[str, Any], known: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(k for k in data if k not in known))
 
 
 def _is_int(value: object) -> bool:
@@ -311,8 +355,9 @@ def _completion_prompts(raw: Any, tokenizer: TokenizerLike, echo: bool) -> tuple
     return tuple(prompts)
 
 
-def _messages(raw: Any) -> list[dict[str, Any]]:
-    """Chat messages reduced to role + content (text only), checked field by field."""
+def _messages(raw: Any, flatten: bool) -> list[dict[str, Any]]:
+    """Chat messages reduced to role + content (text only), checked field by field; `flatten` joins a list of
+    text parts into one string (for templates that render content as a string)."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     out = []
@@ -331,6 +376,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     raise ApiError(400, f"messages[{i}].content: only text parts are supported",
                                    param=f"messages[{i}].content")
+            if flatten:
+                content = "\n".join(part["text"] for part in content)
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of parts",
                            param=f"messages[{i}].content")

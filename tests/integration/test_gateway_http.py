@@ -64,7 +64,14 @@ class Responder:
         await self.bus.subscribe(P.ROUTER_GENERATE, self._on_generate)
         await self.bus.subscribe(P.CANCEL, self._on_cancel)
         await self.bus.flush()
+        self.tasks.add(asyncio.create_task(self._beat()))
         return self
+
+    async def _beat(self) -> None:
+        """A worker's heartbeat, so the gateway's /health says a worker can serve."""
+        while True:
+            await self.bus.publish(P.HEARTBEAT, P.WorkerStatus("responder", "colocated", "tiny", 16, 0))
+            await asyncio.sleep(0.5)
 
     async def _on_generate(self, msg: Msg) -> None:
         req = P.GenerateRequest.decode(msg.data)
@@ -107,10 +114,11 @@ class Stack:
 @contextlib.asynccontextmanager
 async def gateway(nats_url: str, tok: Tokenizer, responder: bool = True, **overrides: Any) -> AsyncIterator[Stack]:
     """The gateway app on a real uvicorn socket, plus (optionally) a responder on its own connection."""
-    cfg = GatewayConfig(nats=nats_url, model="tiny", served_model_name=MODEL, **overrides)
+    cfg = GatewayConfig(**{"nats": nats_url, "model": "tiny", "served_model_name": MODEL, **overrides})
     bus = await Bus.connect(nats_url, "test-gateway")
     resp = await Responder(await Bus.connect(nats_url, "test-responder")).start() if responder else None
     app = build_app(cfg, bus, tok, MAX_LEN)
+    await app.state.gateway.start()  # heartbeats: /health is 200 once the responder's arrives
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
@@ -124,6 +132,8 @@ async def gateway(nats_url: str, tok: Tokenizer, responder: bool = True, **overr
     finally:
         if resp is not None:
             resp.hold.set()
+            for t in resp.tasks:
+                t.cancel()
         server.should_exit = True
         await task
         await app.state.gateway.aclose()
@@ -202,7 +212,7 @@ async def test_validation_errors_then_still_serving(nats_url: str, tok: Tokenize
     cases: list[tuple[str, Any, int, str | None, str | None]] = [
         ("/v1/completions", b"{not json", 400, None, "invalid_json"),
         ("/v1/chat/completions", b"[]", 400, None, "invalid_json"),
-        ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 400, "model", "model_not_found"),
+        ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model", "model_not_found"),
         ("/v1/completions", {**COMPLETION, "temperature": -1}, 400, "temperature", None),
         ("/v1/completions", {**COMPLETION, "top_p": 2}, 400, "top_p", None),
         ("/v1/completions", {**COMPLETION, "n": 17}, 400, "n", None),
@@ -227,7 +237,8 @@ async def test_validation_errors_then_still_serving(nats_url: str, tok: Tokenize
         r = await s.client.post("/v1/completions", json=COMPLETION)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
         metrics = (await s.client.get("/metrics")).text
-        assert 'brigade:requests_rejected_total{code="400"} 12.0' in metrics
+        assert 'brigade:requests_rejected_total{code="400"} 11.0' in metrics
+        assert 'brigade:requests_rejected_total{code="404"} 1.0' in metrics
         assert s.app.state.gateway.inflight == 0
 
 
@@ -238,7 +249,8 @@ async def test_no_worker_is_503(nats_url: str, tok: Tokenizer) -> None:
             assert r.status_code == 503
             assert r.json()["error"]["type"] == "service_unavailable_error"
             assert r.json()["error"]["code"] == "no_worker_available"
-        assert (await s.client.get("/health")).json() == {"status": "ok"}
+        health = await s.client.get("/health")  # connected to NATS, but no worker: not ready
+        assert health.status_code == 503 and health.json()["reason"] == "no worker serving the model yet"
     async with gateway(nats_url, tok) as s:  # a router that answers "nobody free"
         s.responder.code = 503
         r = await s.client.post("/v1/completions", json=COMPLETION)
@@ -358,7 +370,7 @@ async def test_official_openai_client(nats_url: str, tok: Tokenizer) -> None:
         assert chat_stream[-1].choices == [] and chat_stream[-1].usage.completion_tokens == 3
         assert comp.choices[0].text == "Hello world 0" and comp.choices[0].finish_reason == "length"
         assert "".join(c.choices[0].text for c in comp_stream) == "Hello world 0"
-        with pytest.raises(openai.BadRequestError) as info:
+        with pytest.raises(openai.NotFoundError) as info:
             await asyncio.to_thread(client.completions.create, model="nope", prompt="x")
         assert info.value.code == "model_not_found"
 
@@ -371,3 +383,29 @@ def test_streams_send_no_keepalive_pings() -> None:
         yield b"data: x\n\n"
 
     assert _EventStream(body(), lambda: None).ping_interval == 0
+
+
+async def test_api_key_guards_the_api_not_the_probes(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, api_key="sesame") as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            r = await s.client.post("/v1/completions", json=COMPLETION, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert (await s.client.get("/v1/models")).status_code == 401
+        assert s.responder.requests == []
+        r = await s.client.post("/v1/completions", json=COMPLETION, headers={"Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
+        assert (await s.client.get("/metrics")).status_code == 200
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await s.client.get("/health")).status_code != 200:  # the responder's heartbeat arrives
+            assert asyncio.get_running_loop().time() < deadline
+
+
+async def test_several_served_names(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, served_model_name="alpha, beta") as s:
+        ids = [m["id"] for m in (await s.client.get("/v1/models")).json()["data"]]
+        assert ids == ["alpha", "beta"]
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "model": "beta"})
+        assert r.status_code == 200 and r.json()["model"] == "beta"
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "model": MODEL})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -180,7 +180,8 @@ def test_n_greedy_is_fine_and_seeds_differ_per_choice(tok: Tokenizer) -> None:
 )
 def test_completion_validation(tok: Tokenizer, body: dict[str, Any], param: str, code: str | None) -> None:
     e = error_of(completion, tok, **body)
-    assert (e.status, e.param, e.code, e.type) == (400, param, code, "invalid_request_error")
+    status = 404 if code == "model_not_found" else 400
+    assert (e.status, e.param, e.code, e.type) == (status, param, code, "invalid_request_error")
     assert e.body()["error"]["param"] == param and e.message
 
 
@@ -212,7 +213,7 @@ def test_completion_validation(tok: Tokenizer, body: dict[str, Any], param: str,
 )
 def test_chat_validation(tok: Tokenizer, body: dict[str, Any], param: str, code: str | None) -> None:
     e = error_of(chat, tok, **body)
-    assert (e.status, e.param, e.code) == (400, param, code)
+    assert (e.status, e.param, e.code) == (404 if code == "model_not_found" else 400, param, code)
 
 
 def test_context_error_names_both_numbers(tok: Tokenizer) -> None:
@@ -313,3 +314,61 @@ def test_logprob_floor() -> None:
     assert api.completion_logprobs([[1, float("nan"), None]], token_text)["token_logprobs"] == [api.LOGPROB_FLOOR]
     assert not math.isinf(api.chat_logprobs([[1, float("-inf"), []]], token_text)["content"][0]["logprob"])
     assert api.new_id("completion").startswith("cmpl-") and api.new_id("chat").startswith("chatcmpl-")
+
+
+# ---- chat requests as clients send them ------------------------------------------------------------------
+
+STRING_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+                  "{% if add_generation_prompt %}<assistant>{% endif %}"
+PARTS_TEMPLATE = "{% for m in messages %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endfor %}"
+
+
+def test_content_parts_are_joined_for_string_templates(tok: Tokenizer) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    req = api.parse_chat({"model": MODEL, "messages": parts, "chat_template": STRING_TEMPLATE}, tok, MODEL, MAX_LEN)
+    assert tok.decode(req.prompts[0].ids, skip_special_tokens=False) == "<user>Hello\nthere\n<assistant>"
+
+
+def test_content_format_follows_the_template() -> None:
+    from brigade.model.tokenizer import content_format
+
+    assert content_format(STRING_TEMPLATE) == "string"
+    assert content_format(PARTS_TEMPLATE) == "openai"
+    assert content_format("{% if message.content is string %}{{ message.content }}{% endif %}") == "openai"
+
+
+def test_generation_prompt_and_continue_final_message(tok: Tokenizer) -> None:
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well"}]
+    base = {"model": MODEL, "messages": msgs, "chat_template": STRING_TEMPLATE}
+
+    def text(**body: Any) -> str:
+        req = api.parse_chat({**base, **body}, tok, MODEL, MAX_LEN)
+        return tok.decode(req.prompts[0].ids, skip_special_tokens=False)
+
+    assert text().endswith("<assistant>Well\n<assistant>")
+    assert text(add_generation_prompt=False).endswith("<assistant>Well\n")
+    # The final message is left open (no trailing newline, no new turn) so the model carries it on.
+    assert text(continue_final_message=True, add_generation_prompt=False).endswith("<assistant>Well")
+    e = error_of(api.parse_chat, {**base, "continue_final_message": True, "add_generation_prompt": True},
+                 tok, MODEL, MAX_LEN)
+    assert (e.status, e.param) == (400, "continue_final_message")
+
+
+def test_chat_template_kwargs_reach_the_template(tok: Tokenizer) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+            "chat_template": "{% if shout %}LOUD{% else %}quiet{% endif %}", "chat_template_kwargs": {"shout": True}}
+    req = api.parse_chat(body, tok, MODEL, MAX_LEN)
+    assert tok.decode(req.prompts[0].ids) == "LOUD"
+    e = error_of(api.parse_chat, {**body, "chat_template_kwargs": [1]}, tok, MODEL, MAX_LEN)
+    assert e.param == "chat_template_kwargs"
+    e = error_of(api.parse_chat, {**body, "chat_template": "{% if %}"}, tok, MODEL, MAX_LEN)
+    assert (e.status, e.param) == (400, "chat_template")
+
+
+def test_served_names_and_unknown_fields(tok: Tokenizer) -> None:
+    names = ("first", "second")
+    req = api.parse_completion({"model": "second", "prompt": "x", "frobnicate": 1, "echo": False}, tok, names, MAX_LEN)
+    assert req.model == "second" and req.ignored == ("frobnicate",)
+    e = error_of(api.parse_completion, {"model": "third", "prompt": "x"}, tok, names, MAX_LEN)
+    assert (e.status, e.code) == (404, "model_not_found") and "`first`, `second`" in e.message
+    assert chat(tok, top_p=0.5).ignored == ()

@@ -59,6 +59,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string at the end of the text
 
     def __post_init__(self) -> None:
         # Normalize the JSON-ish shapes clients send; anything else is left for validate() to reject.
@@ -139,8 +140,9 @@ class SamplingParams:
                 "min_tokens",
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             )
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidParams("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParams(name, f"{name} must be a boolean, got {getattr(self, name)!r}")
 
     def _validate_stop(self) -> None:
         if not isinstance(self.stop, tuple):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hmac
 import itertools
 import json
 import logging
@@ -35,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -88,7 +90,7 @@ class Metrics:
                                          registry=r).labels(model_name)
         self._success = Counter("vllm:request_success", "Finished requests (one per choice)",
                                 [*m, "finished_reason"], registry=r)
-        self.rejected = Counter("brigade:requests_rejected", "Requests refused before generation (400/429/503)",
+        self.rejected = Counter("brigade:requests_rejected", "Requests refused before generation (400/401/404/429/503)",
                                 ["code"], registry=r)
         self.failed = Counter("brigade:requests_failed", "Requests that failed during generation", ["code"],
                               registry=r)
@@ -339,13 +341,15 @@ class Gateway:
         self.bus = bus
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.served = config.served_model_name or Path(config.model).name
+        self.served_names = served_names(config)
+        self.served = self.served_names[0]  # the metrics' model_name label
         self.metrics = Metrics(self.served)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.flows: set[Flow] = set()
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
         self.seen: dict[str, float] = {}  # worker id -> loop time of its last heartbeat
+        self.serving: set[str] = set()  # workers that run whole requests (decode, colocated): /health needs one
         self.stopping: set[str] = set()
         # Token inboxes: `<prefix>.<n>` per choice, `<prefix>.batch` for TokenBatches; one subscription to `<prefix>.*`.
         self.prefix = bus.inbox()
@@ -397,6 +401,8 @@ class Gateway:
     async def _on_status(self, msg: Msg) -> None:
         st = P.WorkerStatus.decode(msg.data)
         self.seen[st.worker_id] = asyncio.get_running_loop().time()
+        if st.role in ("decode", "colocated"):
+            self.serving.add(st.worker_id)
         if st.stopping:
             self.stopping.add(st.worker_id)
         else:
@@ -417,6 +423,7 @@ class Gateway:
                         flow.queue.put_nowait((i, _Signal.REPLAY))
             for w in gone - self.stopping:
                 del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
+                self.serving.discard(w)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -472,7 +479,9 @@ class Gateway:
         try:
             body = await request.body()
             # Tokenizing (and chat templating) is CPU work: keep it off the event loop.
-            req = await asyncio.to_thread(parse, body, self.tokenizer, self.served, self.max_model_len)
+            req = await asyncio.to_thread(parse, body, self.tokenizer, self.served_names, self.max_model_len)
+            if req.ignored:
+                log.warning("ignoring fields this server does not know: %s", ", ".join(req.ignored))
             flow = Flow(self, req, t0, span)
             await flow.start()
             if req.stream:
@@ -534,13 +543,26 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{
-            "id": self.served, "object": "model", "created": 0, "owned_by": "brigade", "root": self.config.model,
-            "max_model_len": self.max_model_len}]})
+            "id": name, "object": "model", "created": 0, "owned_by": "brigade", "root": self.config.model,
+            "max_model_len": self.max_model_len} for name in self.served_names]})
+
+    def ready(self) -> str | None:
+        """None when a request sent now can be served; else why not."""
+        if not self.bus.nc.is_connected:
+            return "not connected to NATS"
+        now = asyncio.get_running_loop().time()
+        if not any(now - self.seen.get(w, -1e9) <= self.config.worker_timeout and w not in self.stopping
+                   for w in self.serving):
+            return "no worker serving the model yet"
+        return None
 
     async def health(self, request: Request) -> Response:
-        if self.bus.nc.is_connected:
+        """200 once a worker can serve the model (as vLLM's, only once its engine runs), else 503."""
+        reason = self.ready()
+        if reason is None:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "reason": "not connected to NATS"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503,
+                            headers={"Retry-After": "1"})
 
     async def prometheus(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -573,14 +595,44 @@ OPENAPI: dict[str, Any] = {
         "/v1/completions": _post("Create a completion"),
         "/v1/chat/completions": _post("Create a chat completion"),
         "/v1/models": _get("List the served model"),
-        "/health": {"get": {"summary": "Liveness", "responses": {
-            "200": {"description": "connected to NATS"}, "503": {"description": "not connected to NATS"}}}},
+        "/health": {"get": {"summary": "Readiness", "responses": {
+            "200": {"description": "a worker can serve the model"},
+            "503": {"description": "not connected to NATS, or no live worker yet"}}}},
         "/metrics": _get("Prometheus metrics", "text/plain"),
     },
     "components": {"schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
         "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
         "code": {"type": "string", "nullable": True}}}}}}},
 }
+
+
+def served_names(config: GatewayConfig) -> tuple[str, ...]:
+    """The names clients may send as `model`: --served-model-name's (comma-separated), else the model as
+    given, plus a local path's directory name (`--model /models/llama` answers to `llama` too)."""
+    names = [n.strip() for n in config.served_model_name.split(",") if n.strip()]
+    if names:
+        return tuple(names)
+    base = Path(config.model).name
+    return (config.model,) if base in ("", config.model) else (config.model, base)
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/* (401 otherwise), as vLLM's --api-key; /health and /metrics stay
+    open for probes and scrapers."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = api.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                    code="invalid_api_key").body()
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, max_model_len: int) -> Starlette:
@@ -596,7 +648,9 @@ def build_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, max_model_l
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         return JSONResponse(api.ApiError(500, "internal server error").body(), status_code=500)
 
+    middleware = [Middleware(ApiKeyMiddleware, key=config.api_key)] if config.api_key else []
     app = Starlette(
+        middleware=middleware,
         routes=[
             Route("/v1/completions", gw.completions, methods=["POST"]),
             Route("/v1/chat/completions", gw.chat, methods=["POST"]),
@@ -646,7 +700,8 @@ async def serve(config: GatewayConfig) -> None:
 
     model_dir = await asyncio.to_thread(demo_model_dir) if config.model == "demo" else Path(config.model)
     tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
-    max_model_len = load_config(model_dir).max_position
+    max_position = load_config(model_dir).max_position
+    max_model_len = min(config.max_model_len or max_position, max_position)  # as the workers' engines clip it
     tracing.setup("gateway")
     bus = await Bus.connect(config.nats, "gateway")
     app = build_app(config, bus, tokenizer, max_model_len)
