@@ -124,16 +124,22 @@ def up_config(flags: Any) -> Any:
 
 def _up_args(a: argparse.Namespace) -> Any:
     """The UpConfig of parsed `brigade up` flags."""
-    from brigade.config import DTYPE_CHOICES
+    from brigade.config import DTYPE_CHOICES, parse_size
     from brigade.launcher import UpConfig
 
     if a.dtype not in DTYPE_CHOICES:  # BRIGADE_DTYPE: fail here, not in every child
         raise ValueError(f"unknown dtype {a.dtype!r} ({', '.join(DTYPE_CHOICES)})")
-
-    return UpConfig(model=a.model, host=a.host, port=a.port, mode=a.mode, prefill=a.prefill, decode=a.decode,
+    if a.model_arg and a.model and a.model_arg != a.model:
+        raise ValueError(f"two models given: {a.model_arg!r} and --model {a.model!r}")
+    model = a.model_arg or a.model or "demo"
+    return UpConfig(model=model, host=a.host, port=a.port, mode=a.mode, prefill=a.prefill, decode=a.decode,
                     router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
                     disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts,
-                    otlp=a.otlp or "", metrics_port=a.metrics_port, dtype=a.dtype)
+                    otlp=a.otlp or "", metrics_port=a.metrics_port, dtype=a.dtype,
+                    served_model_name=tuple(a.served_model_name or ()), max_model_len=a.max_model_len,
+                    kv_cache_bytes=parse_size(a.kv_cache_memory) if a.kv_cache_memory else 0,
+                    max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                    api_key=a.api_key, chat_template=a.chat_template)
 
 
 def _bench_compare(args: argparse.Namespace) -> int:
@@ -206,7 +212,14 @@ def _service(name: str) -> Any:
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(svc.serve(cfg))
+        from brigade.model.config import ModelError
+
+        try:
+            asyncio.run(svc.serve(cfg))
+        except (ModelError, OSError, ValueError) as e:  # a bad model, a port in use: one line, not a traceback
+            logging.getLogger("brigade").error("cannot serve: %s", e, exc_info=not isinstance(e, ModelError))
+            print(f"brigade {name}: error: {e}", file=sys.stderr, flush=True)
+            return 2
         return 0
 
     return run
@@ -233,7 +246,12 @@ def _dtype_flag(p: argparse.ArgumentParser) -> None:
 def _up(args: argparse.Namespace) -> int:
     from brigade.launcher import run
 
-    return run(_up_args(args))
+    try:
+        cfg = _up_args(args)
+    except ValueError as e:
+        print(f"brigade up: {e}", file=sys.stderr)
+        return 2
+    return run(cfg)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,22 +260,24 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("make-model", help="write a small random-weight HF checkpoint with a real tokenizer")
-    m.add_argument("--arch", required=True, choices=["llama", "qwen2", "mixtral"])
-    m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
-    m.add_argument("--out", required=True)
-    m.add_argument("--seed", type=int, default=0)
+    from brigade.model.make import ARCHS
+
+    m.add_argument("--arch", required=True, choices=list(ARCHS), help="model family")
+    m.add_argument("--size", default="tiny", choices=["tiny", "bench"], help="tiny (tests) or bench (benchmarks)")
+    m.add_argument("--out", required=True, help="directory to write")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     m.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the size's own)")
     m.set_defaults(fn=_make_model)
 
     g = sub.add_parser("generate", help="run the in-process engine on one prompt")
     g.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     _dtype_flag(g)
     g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
@@ -278,16 +298,34 @@ def parser() -> argparse.ArgumentParser:
             sp.set_defaults(role=name)
         sp.set_defaults(fn=_service(name))
 
-    u = sub.add_parser("up", help="the whole system on this machine (embedded NATS, every service)")
-    u.add_argument("--model", default="demo", help="HF checkpoint directory, or 'demo'")
+    u = sub.add_parser("up", help="the whole system on this machine (embedded NATS, every service)",
+                       description="Start an embedded NATS server, a router, workers and the gateway; Ctrl-C stops "
+                                   "them all. Flags follow `vllm serve` where vLLM has the same knob.")
+    u.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model, as --model (vllm serve MODEL)")
+    u.add_argument("--model", default=None, help="HF checkpoint directory, .gguf file, Hugging Face id, or 'demo' "
+                                                 "(SmolLM2-135M-Instruct) (default: demo)")
+    u.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients send as `model` (default: the model as given)")
     _dtype_flag(u)
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=8000)
-    u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"])
+    u.add_argument("--max-model-len", type=int, default=0, help="longest prompt + output in tokens (0: the model's)")
+    u.add_argument("--kv-cache-memory", default="", metavar="SIZE",
+                   help="each worker's KV cache, e.g. 4GiB (empty: room for several max-length requests, at most "
+                        "40%% of the available memory)")
+    u.add_argument("--max-num-seqs", type=int, default=0, help="most sequences in a worker's step (0: 128)")
+    u.add_argument("--max-num-batched-tokens", type=int, default=0, help="most tokens in a worker's step (0: 2048)")
+    u.add_argument("--api-key", default=os.environ.get("BRIGADE_API_KEY", os.environ.get("VLLM_API_KEY", "")),
+                   help="require `Authorization: Bearer KEY` on /v1/* (env BRIGADE_API_KEY or VLLM_API_KEY)")
+    u.add_argument("--chat-template", default="", help="a Jinja chat template or a file holding one (empty: the "
+                                                       "model's)")
+    u.add_argument("--host", default="127.0.0.1", help="interface the gateway listens on")
+    u.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"],
+                   help="colocated workers, or prefill and decode workers")
     u.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg mode)")
     u.add_argument("--decode", type=int, default=1, help="decode workers")
     u.add_argument("--experts", type=int, default=0, help="MoE expert shards (0: experts run inside the workers)")
-    u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"])
+    u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"],
+                   help="routing policy")
     u.add_argument("--nats", help="use this NATS server instead of starting one")
     u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "nixl", "cuda-ipc"],
                    help="prefill -> decode KV pages: shm (one host), nats (chunked over the bus), nixl (UCX; "
@@ -305,12 +343,12 @@ def parser() -> argparse.ArgumentParser:
                        description="Stream a workload to --url and time every request (TTFT, ITL, TPOT, E2E), or "
                                    "run a subcommand.")
     b.add_argument("--url", help="server root, e.g. http://127.0.0.1:8000")
-    b.add_argument("--workload", default="mixed", choices=list(WORKLOADS))
-    b.add_argument("--requests", type=int, default=100)
+    b.add_argument("--workload", default="mixed", choices=list(WORKLOADS), help="request mix to send")
+    b.add_argument("--requests", type=int, default=100, help="requests to send")
     load = b.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="Poisson arrivals, requests/s (interference: its short-chat rate)")
     load.add_argument("--concurrency", type=int, help="closed loop: at most this many requests in flight")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the workload")
     b.add_argument("--model", help="model name to send (default: the first one GET /v1/models lists)")
     b.add_argument("--vocab", type=int, default=1024, help="prompt token ids are drawn from [16, vocab)")
     b.add_argument("--max-context", type=int, help="prompt + output limit (default: /v1/models max_model_len, "
@@ -322,14 +360,14 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_bench_serve)
     bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{offline,compare,plot,vllm-serve}")
     o = bsub.add_parser("offline", help="in-process engine throughput vs Hugging Face static batching")
-    o.add_argument("--model", default="demo")
-    o.add_argument("--workload", default="mixed", choices=["mixed"])
-    o.add_argument("--requests", type=int, default=128)
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    o.add_argument("--model", default="demo", help="checkpoint to load")
+    o.add_argument("--workload", default="mixed", choices=["mixed"], help="request mix")
+    o.add_argument("--requests", type=int, default=128, help="requests to run")
+    o.add_argument("--seed", type=int, default=0, help="seed of the workload")
+    o.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     o.add_argument("--batch-size", type=int, default=32, help="HF static batch size")
-    o.add_argument("--max-num-seqs", type=int, default=128)
-    o.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    o.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
+    o.add_argument("--max-num-batched-tokens", type=int, default=1024, help="most tokens in one step")
     o.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     o.add_argument("--prompt-range", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens (mixed)")
     o.add_argument("--output-range", type=int, nargs=2, metavar=("MIN", "MAX"), help="output tokens (mixed)")
@@ -357,7 +395,29 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="also save vLLM's result JSON here")
     v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then `vllm bench serve` arguments")
     v.set_defaults(fn=_bench_vllm_serve)
+    for parser_ in _all_parsers(p):
+        parser_.formatter_class = _HelpFormatter
     return p
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help line ends with its default, unless the line already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _all_parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`p` and every subcommand's parser below it."""
+    out = [p]
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in dict.fromkeys(action.choices.values()):
+                out += _all_parsers(sp)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

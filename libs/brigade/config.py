@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import uuid
 from dataclasses import MISSING, dataclass, field, fields
@@ -68,6 +69,7 @@ class GatewayConfig:
     served_model_name: str = ""  # names clients send as `model`, comma-separated; default: the model as given
     max_model_len: int = 0  # context limit checked here (0: the checkpoint's); workers get the same
     api_key: str = ""  # clients must send `Authorization: Bearer <key>` on /v1/* (empty: no check)
+    chat_template: str = ""  # a Jinja chat template, or a file holding one; empty: the checkpoint's
     host: str = "127.0.0.1"
     port: int = 8000
     max_inflight: int = 256  # concurrent requests before 429
@@ -102,7 +104,7 @@ class WorkerConfig:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     block_size: int = 16
     num_blocks: int = 0  # 0: from kv_cache_bytes
-    kv_cache_bytes: int = 256 << 20
+    kv_cache_bytes: int = 0  # 0: automatic, room for several max_model_len requests (engine/kv_size.py)
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048  # vLLM's default for its CPU server; larger prefill matmuls run faster
     long_prefill_tokens: int = 512  # most prompt tokens one request computes per step (0: no cap)
@@ -141,16 +143,88 @@ class ExpertsConfig:
     direct: bool = True  # also serve workers on this host over a Unix socket (experts/channel.py)
 
 
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+               "ti": 2**40}
+
+
+def parse_size(raw: str) -> int:
+    """Bytes from "4GiB", "512MiB", "4G" (10**9), "1e9" or a plain integer; ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", raw)
+    if m is None:
+        raise ValueError(f"not a size: {raw!r} (e.g. 4GiB, 512MiB, 4000000000)")
+    value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if value < 1:
+        raise ValueError(f"size must be positive: {raw!r}")
+    return int(value)
+
+
+# One line of --help per flag (the same name means the same thing on every service); argparse adds the default.
+HELP = {
+    "nats": "NATS server URL",
+    "model": "checkpoint: a Hugging Face directory, a .gguf file, a Hugging Face id, or 'demo'",
+    "served_model_name": "names clients send as `model`, comma-separated (empty: the model as given)",
+    "max_model_len": "longest prompt + output in tokens (0: the checkpoint's)",
+    "api_key": "require `Authorization: Bearer KEY` on /v1/* (empty: no check)",
+    "chat_template": "a Jinja chat template, or a file holding one (empty: the checkpoint's)",
+    "host": "interface to listen on",
+    "port": "HTTP port",
+    "max_inflight": "concurrent requests before 429",
+    "request_timeout": "longest a whole request may take, seconds",
+    "token_timeout": "longest silence between two token messages, seconds",
+    "route_timeout": "longest the router may take to place a request, seconds",
+    "worker_timeout": "a worker silent this long is lost: its requests are replayed elsewhere, seconds",
+    "max_replays": "replays per choice before the client gets the error",
+    "policy": "routing: prefix | round_robin | least_loaded",
+    "heartbeat_timeout": "a worker silent this long is dead, seconds",
+    "disagg_threshold": "prompts with fewer uncached tokens are prefilled on the decode worker",
+    "forward_timeout": "longest a worker may take to accept a request, seconds",
+    "block_size": "KV block size in tokens (router and workers must agree)",
+    "hash_seed": "seed of the KV block hashes (router and workers must agree)",
+    "registry_capacity": "block hashes kept in the prefix registry (LRU)",
+    "prefill_weight": "weight of the tokens to prefill in the prefix routing cost",
+    "temperature": "> 0: sample workers by softmax(-cost / temperature) (several routers)",
+    "recent_ttl": "seconds a routing decision steers its siblings before KV events arrive",
+    "metrics_port": "Prometheus /metrics on this port (0: off)",
+    "role": "prefill | decode | colocated",
+    "worker_id": "this worker's id on the bus",
+    "num_blocks": "KV blocks (0: sized from --kv-cache-bytes)",
+    "kv_cache_bytes": "KV cache size in bytes (0: automatic, several max_model_len requests)",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "most tokens in one step",
+    "long_prefill_tokens": "most prompt tokens one request computes per step (0: no cap)",
+    "chunked_prefill": "split long prompts across steps",
+    "prefix_caching": "reuse the KV blocks of shared prompt prefixes",
+    "attention": "attention kernels: torch | native | triton | auto",
+    "dtype": "weights and activations: auto (the checkpoint's) | float32 | bfloat16 | float16",
+    "device": "cpu, or cuda[:N]",
+    "threads": "torch threads (0: the cores this process may run on)",
+    "cpus": "cores to pin to, e.g. 0 or 0-1 (empty: leave affinity alone)",
+    "kv_transport": "prefill -> decode KV pages: shm | nats | nixl | cuda-ipc",
+    "heartbeat_s": "seconds between status messages",
+    "lease_s": "seconds blocks reserved for an incoming transfer are kept",
+    "experts": "MoE expert shards to run the experts on (0: in this process)",
+    "experts_timeout": "longest a layer's expert dispatch may take, seconds",
+    "experts_direct": "reach shards on this host over Unix sockets rather than the bus",
+    "shard": "I/N: this process holds shard I of N",
+    "placement": "experts per shard, ';'-separated, e.g. 0-3,7;4-7 (empty: contiguous)",
+    "shard_id": "dispatch subject name (empty: <model>-<I>of<N>)",
+    "kernel": "expert kernels: torch | triton | auto",
+    "direct": "also serve workers on this host over a Unix socket",
+}
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per config field, defaulting to BRIGADE_<FIELD> or the field default."""
     for f in fields(cls):
         default = f.default if f.default_factory is MISSING else f.default_factory()
         default = env(f.name, default)
         flag = "--" + f.name.replace("_", "-")
+        text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: %(default)s; env BRIGADE_{f.name.upper()})"
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_bool, default=default, metavar="BOOL")
+            parser.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"),
+                                help=text)
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

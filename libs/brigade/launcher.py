@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +18,10 @@ from dataclasses import dataclass, field
 from brigade import protocol as P
 from brigade.bus import Bus
 from brigade.config import DEFAULT_DTYPE
+from brigade.model.config import ModelError, load_config
 from brigade.model.make import resolve_model
 from brigade.nats_server import NatsServer
-from brigade.procs import terminate
+from brigade.procs import die_with_parent, terminate
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class UpConfig:
     otlp: str = ""  # OTLP/HTTP endpoint for every service's traces (sets OTEL_EXPORTER_OTLP_ENDPOINT)
     metrics_port: int = 0  # >0: the router serves /metrics here, worker i (in command order) on the next ports
     dtype: str = DEFAULT_DTYPE  # every worker's and expert shard's --dtype (auto: each resolves the checkpoint's)
+    served_model_name: tuple[str, ...] = ()  # names clients send as `model`; empty: the model as given
+    max_model_len: int = 0  # gateway and workers alike; 0: the checkpoint's
+    kv_cache_bytes: int = 0  # every worker's KV cache; 0: automatic
+    max_num_seqs: int = 0  # 0: the workers' default
+    max_num_batched_tokens: int = 0  # 0: the workers' default
+    api_key: str = ""  # the gateway asks clients for `Authorization: Bearer <key>`
+    chat_template: str = ""  # the gateway's chat template (a file or the template itself); empty: the model's
+
+
+TAIL_LINES = 40  # of each child's stderr, kept for the error report when it dies during start-up
 
 
 def _ephemeral() -> range:
@@ -120,6 +133,9 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         raise ValueError(f"unknown mode {cfg.mode!r} (colocated, disagg)")
     shares = split_cores(sorted(os.sched_getaffinity(0)), len(roles) + cfg.experts)
     expert_flags = ["--experts", str(cfg.experts)] if cfg.experts else []
+    engine = (("--max-model-len", cfg.max_model_len), ("--kv-cache-bytes", cfg.kv_cache_bytes),
+              ("--max-num-seqs", cfg.max_num_seqs), ("--max-num-batched-tokens", cfg.max_num_batched_tokens))
+    engine_flags = [f for name, value in engine if value for f in (name, str(value))]
     def metrics(k: int) -> list[str]:
         return ["--metrics-port", str(cfg.metrics_port + k)] if cfg.metrics_port else []
 
@@ -129,60 +145,103 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         env = {"OMP_NUM_THREADS": str(len(cores)), **(spin_env() if cfg.experts else {})}
         argv = py + [role, "--nats", nats_url, "--model", model, "--worker-id", f"{role}-{i}",
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--kv-transport", cfg.kv_transport,
-                     "--dtype", cfg.dtype, *expert_flags, *metrics(1 + i), *cfg.worker_args]
+                     "--dtype", cfg.dtype, *engine_flags, *expert_flags, *metrics(1 + i), *cfg.worker_args]
         out.append((f"{role}-{i}", argv, env))
     for i, cores in enumerate(shares[len(roles):]):
         argv = py + ["experts", "--nats", nats_url, "--model", model, "--shard", f"{i}/{cfg.experts}",
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--dtype", cfg.dtype]
         out.append((f"experts-{i}", argv, {"OMP_NUM_THREADS": str(len(cores)), **spin_env()}))
-    out.append(("gateway", py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host,
-                                 "--port", str(cfg.port)], {}))
+    gateway = py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host, "--port", str(cfg.port),
+                    "--served-model-name", ",".join(cfg.served_model_name or (cfg.model,))]
+    if cfg.max_model_len:
+        gateway += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.chat_template:
+        gateway += ["--chat-template", cfg.chat_template]
+    # The key travels in the environment, not on a command line every local user can read.
+    out.append(("gateway", gateway, {"BRIGADE_API_KEY": cfg.api_key} if cfg.api_key else {}))
     if cfg.otlp:
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": cfg.otlp, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
         out = [(name, argv, {**env, **otel}) for name, argv, env in out]
     return out
 
 
-async def _wait_workers(nats_url: str, expected: int, timeout: float, shards: int = 0) -> None:
-    """Return once `expected` distinct workers and `shards` expert shards have published a status."""
+async def _wait_workers(nats_url: str, expected: int, timeout: float, shards: int = 0,
+                        failed: Callable[[], str | None] = lambda: None) -> None:
+    """Return once `expected` distinct workers and `shards` expert shards have published a status; StartError
+    as soon as `failed()` names a child that died meanwhile."""
     bus = await Bus.connect(nats_url, "up")
     seen: set[str] = set()
     seen_shards: set[str] = set()
-    done = asyncio.Event()
-
-    def check() -> None:
-        if len(seen) >= expected and len(seen_shards) >= shards:
-            done.set()
 
     async def on_status(msg: object) -> None:
         seen.add(P.WorkerStatus.decode(msg.data).worker_id)  # type: ignore[attr-defined]
-        check()
 
     async def on_shard(msg: object) -> None:
         seen_shards.add(P.ExpertsStatus.decode(msg.data).shard_id)  # type: ignore[attr-defined]
-        check()
 
     await bus.subscribe(P.HEARTBEAT, on_status)
     if shards:
         await bus.subscribe(P.EXPERTS_HEARTBEAT, on_shard)
+    deadline = time.monotonic() + timeout
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        while len(seen) < expected or len(seen_shards) < shards:
+            if (why := failed()) is not None:
+                raise StartError(why)
+            if time.monotonic() > deadline:
+                raise StartError(f"{len(seen)} of {expected} workers and {len(seen_shards)} of {shards} expert "
+                                 f"shards reported within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
     finally:
         await bus.close()
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def _wait_http(url: str, timeout: float, failed: Callable[[], str | None] = lambda: None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if (why := failed()) is not None:
+            raise StartError(why)
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy")
+    raise StartError(f"{url} did not become healthy within {timeout:.0f} s")
+
+
+class StartError(RuntimeError):
+    """`brigade up` could not start: what failed, in the failing child's own words where there is one."""
+
+
+class _Child:
+    """One child process; its stderr is passed through to ours, the last lines kept for error reports."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.proc = subprocess.Popen(argv, env={**os.environ, **env}, stderr=subprocess.PIPE,
+                                     start_new_session=True, preexec_fn=die_with_parent())
+        self.relay = threading.Thread(target=self._relay, name=f"stderr-{name}", daemon=True)
+        self.relay.start()
+
+    def _relay(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip())
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # our stderr is gone (closed terminal): keep draining the pipe
+                pass
+
+    def why(self) -> str:
+        """Its exit, with the last thing it said (a service's error line, or a traceback's last line)."""
+        self.relay.join(timeout=1.0)  # it may still be reading the last lines (a grandchild can hold the pipe)
+        said = next((line for line in reversed(self.tail) if line.strip()), "")
+        return f"{self.name} exited with code {self.proc.returncode} during start-up" + (f": {said}" if said else "")
 
 
 class Up:
@@ -193,8 +252,12 @@ class Up:
         self.cfg = cfg
         self.wrap = wrap
         self.nats: NatsServer | None = None
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.children: list[_Child] = []
         self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        return [(c.name, c.proc) for c in self.children]
 
     def __enter__(self) -> Up:
         """`with Up(cfg) as up:` starts everything (the gateway URL is `up.url`) and stops it on the way out."""
@@ -210,68 +273,92 @@ class Up:
         return f"http://{self.cfg.host}:{self.cfg.port}"
 
     def start(self, timeout: float = 120.0) -> str:
-        """Start everything; return the gateway URL once workers report and the gateway is healthy."""
+        """Start everything; return the gateway URL once workers report and the gateway is healthy.
+
+        What cannot work is refused before anything starts (a bad model, a taken port); a child that exits
+        during start-up stops everything at once with that child's last words (StartError)."""
         if self.cfg.kv_transport == "nixl" and self.cfg.mode == "disagg":
             from brigade.kv.nixl import nixl_api
 
             nixl_api()  # not installed: say so now, not as every worker's dying log line
         model = str(resolve_model(self.cfg.model))  # made once here, not raced by the children
+        load_config(model)  # an unsupported or broken checkpoint: ModelError now, not in every child
+        if not self.wrap and not _bindable(self.cfg.host, self.cfg.port):
+            raise StartError(f"port {self.cfg.port} on {self.cfg.host} is in use (choose another with --port)")
         url = self.cfg.nats
         if not url:
             self.nats = NatsServer()
             url = self.nats.start()
         cmds = commands(self.cfg, url, model)
-        for name, argv, env in cmds:
-            self.argv[name] = (self.wrap(name, argv) if self.wrap else argv, env)
-            self.procs.append((name, self._spawn(name)))
-        workers = sum(1 for name, _, _ in cmds if name not in ("router", "gateway") and not name.startswith("experts"))
         try:
-            asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts))
-            _wait_http(self.url + "/health", timeout)
+            for name, argv, env in cmds:
+                self.argv[name] = (self.wrap(name, argv) if self.wrap else argv, env)
+                self.children.append(self._spawn(name))
+            workers = sum(1 for name, _, _ in cmds
+                          if name not in ("router", "gateway") and not name.startswith("experts"))
+            asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts, self._first_death))
+            _wait_http(self.url + "/health", timeout, self._first_death)
         except BaseException:
             self.stop()
             raise
         return self.url
 
-    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+    def _first_death(self) -> str | None:
+        dead = next((c for c in self.children if c.proc.poll() is not None), None)
+        return None if dead is None else dead.why()
+
+    def _spawn(self, name: str) -> _Child:
         argv, env = self.argv[name]
-        return subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True)
+        return _Child(name, argv, env)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Stop one child (tests use it to fail a worker or the router)."""
-        for n, p in self.procs:
-            if n == name and p.poll() is None:
-                p.send_signal(sig)
-                p.wait(timeout=30)
+        for c in self.children:
+            if c.name == name and c.proc.poll() is None:
+                c.proc.send_signal(sig)
+                c.proc.wait(timeout=30)
 
     def restart(self, name: str) -> None:
         """Kill one child and start it again with the same command."""
         self.kill(name)
-        self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, self._spawn(name))]
+        self.children = [c for c in self.children if c.name != name] + [self._spawn(name)]
 
     def failed(self) -> list[str]:
-        return [name for name, p in self.procs if p.poll() is not None]
+        return [c.name for c in self.children if c.proc.poll() is not None]
 
     def stop(self, grace: float = 10.0) -> None:
-        terminate((p for _, p in self.procs), grace)
-        self.procs.clear()
+        terminate((c.proc for c in self.children), grace)
+        self.children.clear()
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
 
 
 def run(cfg: UpConfig) -> int:
-    """Foreground `brigade up`: start, print the URL, wait for Ctrl-C or a child's death."""
+    """Foreground `brigade up`: start, print the URL, wait for Ctrl-C, SIGTERM or a child's death.
+
+    The children run in sessions of their own, so a terminal's Ctrl-C (SIGINT to the foreground process
+    group) reaches only this process, which stops the services and then the bus."""
     up = Up(cfg)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
+        if not started:
+            raise KeyboardInterrupt  # out of start(), which stops whatever it started
         stop = True
 
+    started = False
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    url = up.start()
+    try:
+        url = up.start()
+    except KeyboardInterrupt:
+        return 130
+    except (StartError, ModelError, OSError, ValueError) as e:
+        print(f"brigade up: {e}", file=sys.stderr, flush=True)
+        return 1
+    started = True
     print(f"Brigade is up: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)", flush=True)
     code = 0
     while not stop:
@@ -280,6 +367,6 @@ def run(cfg: UpConfig) -> int:
             print(f"brigade up: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
             code = 1
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     up.stop()
     return code

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from brigade.procs import terminate
+from brigade.procs import die_with_parent, terminate
 
 
 def binary() -> Path:
@@ -41,13 +41,18 @@ class NatsServer:
         self.url = ""
 
     def start(self, timeout: float = 10.0) -> str:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file: a pipe nobody reads would stall the server once it fills (slow-consumer
+        # warnings under load). Its own session: a terminal's Ctrl-C reaches `brigade up`, which stops the
+        # services first and the bus last, rather than the bus dying under them.
+        log = self.dir / "nats-server.log"
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                         preexec_fn=die_with_parent())
         ports = self.dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"nats-server exited: {err.strip()}")
+                raise RuntimeError(f"nats-server exited: {log.read_text(errors='replace').strip()}")
             if ports.exists():
                 import json
 

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen `preexec_fn` so that a child never outlives this process (None where it cannot apply).
+
+    Linux sends the signal when the *thread* that forked exits, so it is only armed for children started by
+    the main thread, which lives as long as the process."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    return _die_with_parent
 
 
 def terminate(procs: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:

@@ -98,6 +98,10 @@ def test_stop_token_ids_and_strings(engine: Engine) -> None:
     assert cut.finish_reason == "stop"
     assert cut.text == text[:text.index(stop)]
     assert stop not in cut.text
+    # include_stop_str_in_output (vLLM's): the same cut, with the stop string kept at the end.
+    [kept] = engine.generate(["def main():"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                              stop=(stop,), include_stop_str_in_output=True))
+    assert kept.finish_reason == "stop" and kept.text == text[:text.index(stop)] + stop
 
 
 def test_seed_reproducible_whatever_the_batch(engine: Engine) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from brigade.engine.kv_size import kv_size
 from brigade.engine.runner import Runner
 from brigade.engine.sampler import Sampled, Sampler, SampleRow
 from brigade.engine.sampling import SamplingParams
@@ -42,7 +43,7 @@ class EngineConfig:
     model: str
     block_size: int = 16
     num_blocks: int | None = None  # None: size from kv_cache_bytes
-    kv_cache_bytes: int = 512 << 20
+    kv_cache_bytes: int = 0  # 0: automatic (engine/kv_size.py); else at least one max_model_len request
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     long_prefill_tokens: int = 512  # most prompt tokens one request computes per step (0: no cap)
@@ -117,7 +118,10 @@ class Engine:
         self.tokenizer = tokenizer or Tokenizer(config.model)
         cfg = self.model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
-        num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self._block_bytes())
+        num_blocks = config.num_blocks
+        if not num_blocks:  # sized from a byte budget, or automatically (kv_size.py)
+            num_blocks, self.max_model_len = kv_size(self._block_bytes(), config.block_size, self.max_model_len,
+                                                     config.kv_cache_bytes)
         self.pool = BlockPool(num_blocks, config.block_size, on_event=on_kv_event)
         self.kv = KvManager(self.pool, config.prefix_caching, extra=cfg.name.encode(), hash_seed=config.hash_seed)
         budget = config.max_num_batched_tokens
@@ -319,7 +323,7 @@ class Engine:
         if p.stop and delta:
             hit = _find_stop(state.text, len(delta), p.stop)
             if hit is not None:
-                state.text = state.text[:hit[0]]
+                state.text = state.text[:hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)]
                 reason, stop_reason = "stop", hit[1]
         if reason is None:
             if token in p.stop_token_ids:

@@ -700,6 +700,9 @@ async def serve(config: GatewayConfig) -> None:
 
     model_dir = await asyncio.to_thread(demo_model_dir) if config.model == "demo" else Path(config.model)
     tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
+    if config.chat_template:  # --chat-template: a file, else the template itself (as vLLM takes it)
+        path = Path(config.chat_template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else config.chat_template
     max_position = load_config(model_dir).max_position
     max_model_len = min(config.max_model_len or max_position, max_position)  # as the workers' engines clip it
     tracing.setup("gateway")
