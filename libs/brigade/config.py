@@ -73,6 +73,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_inflight: int = 256  # concurrent requests before 429
+    max_request_bytes: int = 8 << 20  # larger bodies are a 413
     request_timeout: float = 600.0  # whole request, seconds
     token_timeout: float = 60.0  # longest silence between two token messages
     route_timeout: float = 5.0
@@ -164,11 +165,12 @@ HELP = {
     "model": "checkpoint: a Hugging Face directory, a .gguf file, a Hugging Face id, or 'demo'",
     "served_model_name": "names clients send as `model`, comma-separated (empty: the model as given)",
     "max_model_len": "longest prompt + output in tokens (0: the checkpoint's)",
-    "api_key": "require `Authorization: Bearer KEY` on /v1/* (empty: no check)",
+    "api_key": "require `Authorization: Bearer KEY` on /v1/*, several keys comma-separated (empty: no check)",
     "chat_template": "a Jinja chat template, or a file holding one (empty: the checkpoint's)",
     "host": "interface to listen on",
     "port": "HTTP port",
     "max_inflight": "concurrent requests before 429",
+    "max_request_bytes": "largest request body in bytes; larger ones get a 413",
     "request_timeout": "longest a whole request may take, seconds",
     "token_timeout": "longest silence between two token messages, seconds",
     "route_timeout": "longest the router may take to place a request, seconds",

@@ -54,6 +54,7 @@ _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -147,6 +148,8 @@ def parse_json(body: bytes | str) -> dict[str, Any]:
         data = json.loads(body)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from e
+    except RecursionError:  # nesting thousands deep
+        raise ApiError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
@@ -247,6 +250,14 @@ def _unknown(data: Mapping[str, Any], known: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(k for k in data if k not in known))
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -341,6 +352,8 @@ def _completion_prompts(raw: Any, tokenizer: TokenizerLike, echo: bool) -> tuple
     prompts = []
     for item in items:
         if isinstance(item, str):
+            if not _utf8(item):
+                raise ApiError(400, "prompt must be valid Unicode (a lone surrogate is not)", param="prompt")
             prompt = Prompt(tuple(tokenizer.encode(item)), item)
         elif isinstance(item, list) and all(_is_int(t) for t in item):
             bad = next((t for t in item if not 0 <= t < vocab), None)

@@ -386,15 +386,16 @@ def test_streams_send_no_keepalive_pings() -> None:
 
 
 async def test_api_key_guards_the_api_not_the_probes(nats_url: str, tok: Tokenizer) -> None:
-    async with gateway(nats_url, tok, api_key="sesame") as s:
+    async with gateway(nats_url, tok, api_key="sesame, other") as s:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
             r = await s.client.post("/v1/completions", json=COMPLETION, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
             assert r.json()["error"]["type"] == "authentication_error"
         assert (await s.client.get("/v1/models")).status_code == 401
         assert s.responder.requests == []
-        r = await s.client.post("/v1/completions", json=COMPLETION, headers={"Authorization": "Bearer sesame"})
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
+        for key in ("sesame", "other"):  # any of the keys
+            r = await s.client.post("/v1/completions", json=COMPLETION, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
         assert (await s.client.get("/metrics")).status_code == 200
         deadline = asyncio.get_running_loop().time() + 5
         while (await s.client.get("/health")).status_code != 200:  # the responder's heartbeat arrives
@@ -409,3 +410,18 @@ async def test_several_served_names(nats_url: str, tok: Tokenizer) -> None:
         assert r.status_code == 200 and r.json()["model"] == "beta"
         r = await s.client.post("/v1/completions", json={**COMPLETION, "model": MODEL})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_oversized_body_is_413(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, max_request_bytes=1000) as s:
+        big = {**COMPLETION, "prompt": "word " * 400}
+        r = await s.client.post("/v1/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        async def chunks() -> Any:  # no content-length: counted as it streams in
+            yield json.dumps(big).encode()
+
+        r = await s.client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 200 and s.app.state.gateway.inflight == 0

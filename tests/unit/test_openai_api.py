@@ -372,3 +372,21 @@ def test_served_names_and_unknown_fields(tok: Tokenizer) -> None:
     e = error_of(api.parse_completion, {"model": "third", "prompt": "x"}, tok, names, MAX_LEN)
     assert (e.status, e.code) == (404, "model_not_found") and "`first`, `second`" in e.message
     assert chat(tok, top_p=0.5).ignored == ()
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ("[" * 100_000 + "]" * 100_000, None),  # nested far past the recursion limit
+        ('{"model": "tiny", "prompt": "\\ud800 lone"}', "prompt"),
+        ('{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}', "stop"),
+        ('{"model": "tiny", "prompt": "x", "top_k": 18446744073709551616}', "top_k"),
+        ('{"model": "tiny", "prompt": "x", "stop_token_ids": [18446744073709551616]}', "stop_token_ids"),
+        ('{"model": "tiny", "prompt": "x", "stop_token_ids": ' + json.dumps(list(range(300))) + "}", "stop_token_ids"),
+        ('{"model": "tiny", "prompt": "x", "stop": ["' + "y" * 5000 + '"]}', "stop"),
+    ],
+)
+def test_hostile_bodies_are_400s(tok: Tokenizer, raw: str, param: str | None) -> None:
+    """Bodies that once got past validation and failed later (a 500): each is a 400 naming the field."""
+    e = error_of(api.parse_completion, raw, tok, MODEL, MAX_LEN)
+    assert (e.status, e.param) == (400, param), e.message

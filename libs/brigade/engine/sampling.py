@@ -13,6 +13,14 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 """Most stop strings per request: each one is re-checked against the detokenized tail every step."""
 
+MAX_STOP_TOKEN_IDS = 256
+"""Most stop token ids per request (they ride in every bus message of the request)."""
+
+MAX_STOP_CHARS = 1024
+"""Longest stop string: the engine re-checks each one against the text tail every step."""
+
+_INT31 = 2**31  # token ids and top_k fit in int32 everywhere (tensors, msgpack, the vocabulary)
+
 # torch.Generator.manual_seed accepts anything representable as int64 or uint64.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
@@ -24,6 +32,15 @@ class InvalidParams(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def _utf8(text: str) -> bool:
+    """False for a str JSON can carry but UTF-8 cannot (a lone surrogate from a \\ud800 escape)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:
@@ -111,7 +128,7 @@ class SamplingParams:
             raise InvalidParams("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or self.temperature < 0:
             raise InvalidParams("temperature", f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not _is_int(self.top_k) or not -1 <= self.top_k < _INT31:
             raise InvalidParams("top_k", f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidParams("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -152,10 +169,16 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidParams("stop", f"stop strings must be non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidParams("stop", f"stop strings may be at most {MAX_STOP_CHARS} characters")
+            if not _utf8(s):
+                raise InvalidParams("stop", "stop strings must be valid Unicode (a lone surrogate is not)")
         if not isinstance(self.stop_token_ids, tuple):
             raise InvalidParams(
                 "stop_token_ids", f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}"
             )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidParams("stop_token_ids", f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids")
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
+            if not _is_int(t) or not 0 <= t < _INT31:
                 raise InvalidParams("stop_token_ids", f"stop_token_ids must be integers >= 0, got {t!r}")
