@@ -87,7 +87,9 @@ class RouterConfig:
     policy: str = "prefix"  # prefix | round_robin | least_loaded
     heartbeat_timeout: float = 3.0  # a worker silent this long is dead
     disagg_threshold: int = 64  # prompts with fewer uncached tokens are prefilled on the decode worker
-    forward_timeout: float = 5.0
+    forward_timeout: float = 1.5  # a healthy worker accepts at once (it queues the work)
+    route_deadline: float = 4.0  # all attempts of one request; under the gateway's route_timeout
+    suspect_after: float = 1.2  # a worker this late with its heartbeat is avoided while others are on time
     block_size: int = 16  # workers with another block size or hash seed are refused
     hash_seed: int = 0
     registry_capacity: int = 1_000_000  # block hashes kept in the prefix registry (LRU)
@@ -144,6 +146,13 @@ class ExpertsConfig:
     direct: bool = True  # also serve workers on this host over a Unix socket (experts/channel.py)
 
 
+def default_served_names(model: str) -> tuple[str, ...]:
+    """The model as given (vLLM's default), plus a local path's directory name (`/models/llama` also answers
+    to `llama`)."""
+    base = Path(model).name
+    return (model,) if base in ("", model) or not Path(model).exists() else (model, base)
+
+
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
                "ti": 2**40}
 
@@ -180,6 +189,8 @@ HELP = {
     "heartbeat_timeout": "a worker silent this long is dead, seconds",
     "disagg_threshold": "prompts with fewer uncached tokens are prefilled on the decode worker",
     "forward_timeout": "longest a worker may take to accept a request, seconds",
+    "route_deadline": "longest the router tries workers for one request (under the gateway's route timeout), s",
+    "suspect_after": "seconds of heartbeat silence after which a worker is avoided while others beat",
     "block_size": "KV block size in tokens (router and workers must agree)",
     "hash_seed": "seed of the KV block hashes (router and workers must agree)",
     "registry_capacity": "block hashes kept in the prefix registry (LRU)",

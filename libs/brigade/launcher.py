@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from brigade import protocol as P
 from brigade.bus import Bus
-from brigade.config import DEFAULT_DTYPE
+from brigade.config import DEFAULT_DTYPE, default_served_names
 from brigade.model.config import ModelError, load_config
 from brigade.model.make import resolve_model
 from brigade.nats_server import NatsServer
@@ -152,7 +152,7 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
                      "--cpus", _cpus(cores), "--threads", str(len(cores)), "--dtype", cfg.dtype]
         out.append((f"experts-{i}", argv, {"OMP_NUM_THREADS": str(len(cores)), **spin_env()}))
     gateway = py + ["gateway", "--nats", nats_url, "--model", model, "--host", cfg.host, "--port", str(cfg.port),
-                    "--served-model-name", ",".join(cfg.served_model_name or (cfg.model,))]
+                    "--served-model-name", ",".join(cfg.served_model_name or default_served_names(cfg.model))]
     if cfg.max_model_len:
         gateway += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.chat_template:
@@ -195,7 +195,10 @@ async def _wait_workers(nats_url: str, expected: int, timeout: float, shards: in
         await bus.close()
 
 
-def _wait_http(url: str, timeout: float, failed: Callable[[], str | None] = lambda: None) -> None:
+def _wait_http(url: str, timeout: float, failed: Callable[[], str | None] = lambda: None,
+               ready: bool = True) -> None:
+    """Return once `url` answers 200 (`ready`), or answers at all (no worker of ours can serve: `--decode 0`
+    waits for workers started elsewhere, and /health says 503 until one beats)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -203,7 +206,7 @@ def _wait_http(url: str, timeout: float, failed: Callable[[], str | None] = lamb
         if (why := failed()) is not None:
             raise StartError(why)
         try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
+            if httpx.get(url, timeout=1.0).status_code == 200 or not ready:
                 return
         except httpx.HTTPError:
             pass
@@ -297,7 +300,7 @@ class Up:
             workers = sum(1 for name, _, _ in cmds
                           if name not in ("router", "gateway") and not name.startswith("experts"))
             asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts, self._first_death))
-            _wait_http(self.url + "/health", timeout, self._first_death)
+            _wait_http(self.url + "/health", timeout, self._first_death, ready=self.cfg.decode > 0)
         except BaseException:
             self.stop()
             raise

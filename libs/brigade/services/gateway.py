@@ -46,7 +46,7 @@ from brigade import openai_api as api
 from brigade import protocol as P
 from brigade import tracing
 from brigade.bus import Bus, BusError
-from brigade.config import GatewayConfig
+from brigade.config import GatewayConfig, default_served_names
 from brigade.model.tokenizer import Tokenizer
 
 log = logging.getLogger("brigade.gateway")
@@ -432,6 +432,10 @@ class Gateway:
             gone = {w for w, t in self.seen.items() if now - t > self.config.worker_timeout} | self.stopping
             if not gone:
                 continue
+            if gone - self.stopping and not await self._bus_alive():
+                continue  # the bus stalled, not the workers: replaying now would cancel healthy generations
+            now = loop.time()
+            gone = {w for w, t in self.seen.items() if now - t > self.config.worker_timeout} | self.stopping
             for flow in self.flows:
                 for i, w in enumerate(flow.worker):
                     if w in gone and not flow.finished[i]:
@@ -440,6 +444,14 @@ class Gateway:
             for w in gone - self.stopping:
                 del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
                 self.serving.discard(w)
+
+    async def _bus_alive(self) -> bool:
+        """True when a round trip to the NATS server completes within a second."""
+        try:
+            await self.bus.flush(timeout=1.0)
+        except Exception:  # a timeout, or a reconnect in progress
+            return False
+        return True
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -626,10 +638,7 @@ def served_names(config: GatewayConfig) -> tuple[str, ...]:
     """The names clients may send as `model`: --served-model-name's (comma-separated), else the model as
     given, plus a local path's directory name (`--model /models/llama` answers to `llama` too)."""
     names = [n.strip() for n in config.served_model_name.split(",") if n.strip()]
-    if names:
-        return tuple(names)
-    base = Path(config.model).name
-    return (config.model,) if base in ("", config.model) else (config.model, base)
+    return tuple(names) if names else default_served_names(config.model)
 
 
 class ApiKeyMiddleware:

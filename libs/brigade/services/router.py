@@ -23,6 +23,8 @@ from brigade.routing.policy import Policy, PrefixCost, decide
 
 log = logging.getLogger("brigade.router")
 MAX_ATTEMPTS = 3
+MAX_ROUTING = 1024  # requests being placed at once; beyond that a 503 at once rather than an unbounded backlog
+BUS_PROBE_S = 1.0  # a round trip to the server this slow means the bus stalled, not the workers
 
 
 class RouterMetrics:
@@ -59,6 +61,7 @@ class Router:
         self.refused: set[str] = set()
         self.dumping: set[str] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.routing: set[asyncio.Task[Any]] = set()  # requests being placed
 
     async def start(self) -> None:
         await self.bus.subscribe(P.HEARTBEAT, self._on_status)
@@ -69,9 +72,9 @@ class Router:
         await self.bus.flush()
 
     async def stop(self) -> None:
-        for t in list(self.tasks):
+        for t in [*self.tasks, *self.routing]:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, *self.routing, return_exceptions=True)
 
     # ---- workers ------------------------------------------------------------------------------
     async def _on_status(self, msg: Any) -> None:
@@ -128,11 +131,21 @@ class Router:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_timeout / 3)
+            if not await self._bus_alive():
+                continue  # the bus stalled: silence says nothing about the workers
             for w in self.fleet.purge(time.monotonic()):
                 self.index.purge(w)
                 log.warning("worker %s missed its heartbeats; no longer routed to", w)
             for role in ("prefill", "decode", "colocated"):
                 self.metrics.workers.labels(role).set(len(self.fleet.live((role,), time.monotonic())))
+
+    async def _bus_alive(self) -> bool:
+        """True when a round trip to the NATS server completes promptly."""
+        try:
+            await self.bus.flush(timeout=BUS_PROBE_S)
+        except Exception:  # a timeout, or a connection being re-established
+            return False
+        return True
 
     # ---- requests -----------------------------------------------------------------------------
     def _hashes(self, prompt_ids: list[int]) -> list[int]:
@@ -143,6 +156,17 @@ class Router:
         return hash_blocks(prompt_ids, self.config.block_size, extra=model.encode(), seed=self.config.hash_seed)
 
     async def _on_generate(self, msg: Any) -> None:
+        """Place each request in a task of its own: NATS runs a subscription's callbacks one at a time, and one
+        slow or stuck worker's reply must not hold up every other request's routing."""
+        if len(self.routing) >= MAX_ROUTING:
+            req = P.GenerateRequest.decode(msg.data)
+            await self.bus.respond(msg, P.Accepted(req.request_id, error="router overloaded", code=503))
+            return
+        task = asyncio.ensure_future(self._place(msg))
+        self.routing.add(task)
+        task.add_done_callback(self.routing.discard)
+
+    async def _place(self, msg: Any) -> None:
         req = P.GenerateRequest.decode(msg.data)
         span = tracing.start("route", tracing.context_of(msg), tracing.SpanKind.SERVER, {
             tracing.REQUEST_ID: req.request_id, tracing.POLICY: self.policy.name,
@@ -153,16 +177,27 @@ class Router:
             span.end()
         await self.bus.respond(msg, reply)
 
+    def _suspect(self, now: float, failed: set[str]) -> set[str]:
+        """Workers whose heartbeats are late (stopped, swapping, stuck): avoided while others beat on time.
+        When all are late it is the bus, not them: then none is avoided."""
+        late = {w for w, st in self.fleet.workers.items() if now - st.last_seen > self.config.suspect_after}
+        return late if set(self.fleet.workers) - late - failed else set()
+
     async def _route(self, req: P.GenerateRequest, span: tracing.Span) -> P.Accepted | bytes:
         """Forward `req` to the best worker that takes it (up to MAX_ATTEMPTS); its Accepted, or a 503."""
         failed: set[str] = set()
         prompt = req.prompt_ids + req.output_ids
         bs = self.config.block_size
+        # Inside the gateway's own route timeout, so a retry on another worker still reaches the client.
+        deadline = time.monotonic() + self.config.route_deadline
         for _ in range(MAX_ATTEMPTS):
             t0 = time.perf_counter()
+            now = time.monotonic()
+            if now >= deadline:
+                break
             hashes = self._hashes(prompt)
-            d = decide(self.fleet, self.policy, len(prompt), self.config.disagg_threshold, time.monotonic(),
-                       failed, hashes, self.index)
+            d = decide(self.fleet, self.policy, len(prompt), self.config.disagg_threshold, now,
+                       failed | self._suspect(now, failed), hashes, self.index)
             self.metrics.decision.observe(time.perf_counter() - t0)
             if d is None:
                 break
@@ -179,7 +214,8 @@ class Router:
             span.set_attributes({tracing.WORKER: d.worker, tracing.CACHED_TOKENS: cached,
                                  **({tracing.DECODE_WORKER: d.decode} if d.decode else {})})
             try:
-                reply = await self.bus.request(P.worker_generate(d.worker), fwd, timeout=self.config.forward_timeout,
+                timeout = min(self.config.forward_timeout, max(deadline - time.monotonic(), 0.05))
+                reply = await self.bus.request(P.worker_generate(d.worker), fwd, timeout=timeout,
                                                headers=tracing.headers(span))
             except BusError as e:
                 span.add_event("worker_refused", {tracing.WORKER: d.worker, "error": str(e)})
