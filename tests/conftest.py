@@ -15,10 +15,21 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidi
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+class _TinyModels(dict[str, Path]):
+    """Tiny checkpoints by arch, each made on first use (a test of one family need not build them all)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        from brigade.model.make import make_model
+
+        self[arch] = path = make_model(arch, "tiny", self.root / arch, seed=1)
+        return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny llama, qwen2 and mixtral checkpoints (random weights, real tokenizer)."""
-    from brigade.model.make import make_model
-
-    root = tmp_path_factory.mktemp("models")
-    return {arch: make_model(arch, "tiny", root / arch, seed=1) for arch in ("llama", "qwen2", "mixtral")}
+    """Tiny checkpoints of every `make.ARCHS` arch (random weights, real tokenizer), made on first use."""
+    return _TinyModels(tmp_path_factory.mktemp("models"))

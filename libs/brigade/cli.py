@@ -24,10 +24,10 @@ def _generate(args: argparse.Namespace) -> int:
     from brigade.engine.engine import Engine, EngineConfig, InvalidRequest
     from brigade.engine.sampling import SamplingParams
     from brigade.model.config import ModelError
-    from brigade.model.make import demo_model_dir
+    from brigade.model.resolve import resolve_model
 
-    model = str(demo_model_dir()) if args.model == "demo" else args.model
     try:
+        model = str(resolve_model(args.model))
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                                 ignore_eos=args.ignore_eos, top_p=args.top_p, top_k=args.top_k)
         engine = Engine(EngineConfig(model=model, threads=args.threads, dtype=resolve_dtype(model, args.dtype)))
@@ -45,9 +45,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench_offline(args: argparse.Namespace) -> int:
     from brigade.bench import offline
     from brigade.config import resolve_dtype
-    from brigade.model.make import demo_model_dir
+    from brigade.model.resolve import resolve_model
 
-    model = str(demo_model_dir()) if args.model == "demo" else args.model
+    model = str(resolve_model(args.model))
     options = {k: tuple(v) for k, v in (("prompt_range", args.prompt_range), ("output_range", args.output_range))
                if v}
     report = offline.bench(model, args.workload, args.requests, args.seed, args.threads, args.batch_size,
@@ -230,7 +230,7 @@ def _resolved_dtype(cfg: Any) -> Any:
     from dataclasses import replace
 
     from brigade.config import resolve_dtype
-    from brigade.model.make import resolve_model
+    from brigade.model.resolve import resolve_model
 
     return replace(cfg, dtype=resolve_dtype(resolve_model(cfg.model), cfg.dtype))
 

@@ -19,7 +19,7 @@ from brigade import protocol as P
 from brigade.bus import Bus
 from brigade.config import DEFAULT_DTYPE, default_served_names
 from brigade.model.config import ModelError, load_config
-from brigade.model.make import resolve_model
+from brigade.model.resolve import resolve_model
 from brigade.nats_server import NatsServer
 from brigade.procs import die_with_parent, terminate
 

@@ -228,9 +228,9 @@ def test_missing_field(tmp_path: Path, field: str) -> None:
     [
         v4("yarn", {"factor": 4.0, "original_max_position_embeddings": 1024}, 1e4),
         v5("dynamic", {"factor": 2.0}, 1e4),
-        v5("longrope", {"short_factor": [1.0], "long_factor": [1.0]}, 1e4),
+        v4("dynamic", {"factor": 2.0}, 1e4),
     ],
-    ids=["v4-yarn", "v5-dynamic", "v5-longrope"],
+    ids=["v4-yarn", "v5-dynamic", "v4-dynamic"],
 )
 def test_unsupported_rope_type(tmp_path: Path, cfg: dict[str, Any]) -> None:
     kind = (cfg.get("rope_scaling") or cfg.get("rope_parameters"))["rope_type"]
@@ -243,12 +243,27 @@ def test_unsupported_rope_type(tmp_path: Path, cfg: dict[str, Any]) -> None:
     [
         ({"num_key_value_heads": 3}, "not a multiple"),
         ({"hidden_act": "gelu"}, "'gelu'"),
-        ({"architectures": ["MistralForCausalLM"], "sliding_window": 1024}, "sliding-window"),
     ],
-    ids=["gqa-ratio", "activation", "sliding-window"],
+    ids=["gqa-ratio", "activation"],
 )
 def test_other_unsupported_shapes(tmp_path: Path, change: dict[str, Any], words: str) -> None:
     assert words in _error(write_config(tmp_path, {**BASE, **change}))
+
+
+def test_sliding_window(tmp_path: Path) -> None:
+    """Mistral v0.1: every layer slides; Qwen2 only with use_sliding_window, from layer max_window_layers on;
+    a window as long as the context is no window."""
+    mistral = load_config(write_config(tmp_path / "m", {**BASE, "architectures": ["MistralForCausalLM"],
+                                                        "sliding_window": 1024}))
+    assert mistral.sliding_window == 1024 and [mistral.window(i) for i in range(2)] == [1024, 1024]
+    long = load_config(write_config(tmp_path / "l", {**BASE, "architectures": ["MistralForCausalLM"],
+                                                     "sliding_window": 4096}))
+    assert [long.window(i) for i in range(2)] == [0, 0]
+    qwen = {**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 512}
+    off = load_config(write_config(tmp_path / "q0", qwen))  # use_sliding_window defaults to False for Qwen2
+    assert [off.window(i) for i in range(2)] == [0, 0]
+    qwen = load_config(write_config(tmp_path / "q1", {**qwen, "use_sliding_window": True, "max_window_layers": 1}))
+    assert [qwen.window(i) for i in range(2)] == [0, 512]
 
 
 @pytest.mark.parametrize(

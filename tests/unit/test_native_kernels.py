@@ -122,7 +122,8 @@ def test_fast_model_logits_match_reference(tiny_models: dict[str, Path]) -> None
     from brigade.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    for arch, path in tiny_models.items():
+    for arch in ("llama", "qwen2", "mixtral", "qwen3", "qwen3_moe", "phi3"):  # the archs with a fast path
+        path = tiny_models[arch]
         logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         for fast in (True, False):
             eng = Engine(EngineConfig(model=str(path), num_blocks=64, fast_path=fast))

@@ -47,8 +47,10 @@ def reference_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Gather each sequence's blocks, then softmax(q k^T * scale) v in fp32 (returned in fp32)."""
+    """Gather each sequence's blocks, then softmax(q k^T * scale) v in fp32 (returned in fp32); with a window,
+    over the last `window` keys only."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -60,6 +62,8 @@ def reference_decode(
         blocks = block_tables[b, : math.ceil(n / block_size)].long().cpu()
         k = k_cache.cpu()[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
         v = v_cache.cpu()[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        if window:
+            k, v = k[max(0, n - window):], v[max(0, n - window):]
         k = k.repeat_interleave(group, dim=1)  # [n, H, D]: head h reads kv head h // group
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].cpu().float(), k) * scale
@@ -164,6 +168,22 @@ def test_bf16_in_interpreter_and_default_splits() -> None:
     assert out.dtype == torch.bfloat16
     ref = reference_decode(q, k, v, bt, cl, 0.25)
     assert (out.float() - ref).abs().max().item() <= TOL[torch.bfloat16]
+
+
+@interp_only
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 7, 32, 45])
+def test_sliding_window_skips_freed_blocks(window: int, num_splits: int) -> None:
+    """Entries before each window point at the NaN block 0 (as freed blocks' placeholders): never read."""
+    lens = [1, 9, 40, 70, 130, 0]
+    q, k, v, bt, cl = make_case(lens, 4, 2, 16, 8, torch.float32, seed=5)
+    ref = reference_decode(q, k, v, bt, cl, 0.3, window=window)
+    for b, n in enumerate(lens):
+        bt[b, :max(0, n - window) // 8] = 0
+    out = ta.paged_decode(q, k, v, bt, cl, 0.3, num_splits=num_splits, window=window)
+    assert not out.isnan().any()
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert torch.all(out[5] == 0)
 
 
 def test_empty_batch_and_validation() -> None:

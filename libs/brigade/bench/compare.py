@@ -132,7 +132,7 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
 
         from brigade.bench.offline import run_hf_static
         from brigade.config import resolve_dtype
-        from brigade.model.make import resolve_model
+        from brigade.model.resolve import resolve_model
 
         if conf.get("threads"):
             torch.set_num_threads(int(conf["threads"]))
@@ -159,7 +159,7 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
                 res = served(str(spec["url"]), spec.get("model"), tokenizer=spec.get("tokenizer"))
             elif kind == "up":
                 from brigade.launcher import Up
-                from brigade.model.make import resolve_model
+                from brigade.model.resolve import resolve_model
 
                 up = Up(up_config(spec["up"]))
                 try:

@@ -123,13 +123,19 @@ class Engine:
             num_blocks, self.max_model_len = kv_size(self._block_bytes(), config.block_size, self.max_model_len,
                                                      config.kv_cache_bytes)
         self.pool = BlockPool(num_blocks, config.block_size, on_event=on_kv_event)
-        self.kv = KvManager(self.pool, config.prefix_caching, extra=cfg.name.encode(), hash_seed=config.hash_seed)
+        # Every layer slides (Mistral v0.1): blocks that left the window go back to the pool during decode. Not
+        # with global layers too (Gemma), which read every block.
+        windows = {cfg.window(i) for i in range(cfg.num_layers)}
+        self.window = windows.pop() if len(windows) == 1 else 0
+        self.kv = KvManager(self.pool, config.prefix_caching, extra=cfg.name.encode(), hash_seed=config.hash_seed,
+                            window=self.window)
         budget = config.max_num_batched_tokens
         if not config.chunked_prefill:
             budget = max(budget, self.max_model_len)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.chunked_prefill,
                                    config.long_prefill_tokens)
-        self.runner = Runner(self.model, num_blocks, config.block_size, config.device, allocate_cache)
+        self.runner = Runner(self.model, num_blocks, config.block_size, config.device, allocate_cache,
+                             window=self.window)
         eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.eos_token_ids = frozenset(eos)
         self.sampler = Sampler(sorted(self.eos_token_ids), seed=config.seed)
@@ -270,7 +276,10 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model's context "
                 f"of {self.max_model_len} tokens", "max_tokens")
         capacity = self.pool.num_blocks * self.pool.block_size
-        if len(ids) + params.max_tokens > capacity:
+        need = len(ids) + params.max_tokens
+        if self.window:  # the prompt at most, then a window plus the block being filled
+            need = min(need, max(len(ids), self.window) + 2 * self.pool.block_size)
+        if need > capacity:
             raise InvalidRequest(f"prompt + max_tokens needs more KV slots than the cache has ({capacity})",
                                  "max_tokens")
 

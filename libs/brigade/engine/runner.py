@@ -17,10 +17,14 @@ class Runner:
     """Owns the paged KV cache tensors of one model."""
 
     def __init__(self, model: Model, num_blocks: int, block_size: int, device: str | torch.device = "cpu",
-                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 window: int = 0) -> None:
+        """`window`: every layer's sliding window when the KV manager frees blocks that left it (0: none);
+        prefill chunks then read only the keys inside their window, never the freed blocks' placeholders."""
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
+        self.window = window
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         # One allocation for every layer's K and V: [layers, 2, slots, kv_heads, head_dim]. A worker
@@ -68,10 +72,11 @@ class Runner:
                 if start == 0:
                     prefills.append(PrefillSpan(offset, n, end, None, None))
                 else:
-                    ctx = torch.arange(end)
+                    k_start = max(0, start - self.window + 1) if self.window else 0
+                    ctx = torch.arange(k_start, end)
                     mask = ctx[None, :] <= torch.arange(start, end)[:, None]
-                    slots = torch.from_numpy(self._slots(seq, 0, end))
-                    prefills.append(PrefillSpan(offset, n, end, slots, mask))
+                    slots = torch.from_numpy(self._slots(seq, k_start, end))
+                    prefills.append(PrefillSpan(offset, n, end, slots, mask, k_start))
             offset += n
             if end == seq.num_tokens:
                 logits_index.append(offset - 1)
@@ -96,7 +101,8 @@ class Runner:
         meta = AttnMeta(
             slot_mapping=torch.from_numpy(slot_mapping).to(dev),
             num_decode=nd,
-            decode_groups=[DecodeGroup(g.start, g.end, g.blocks.to(dev), g.mask.to(dev)) for g in groups],
+            decode_groups=[DecodeGroup(g.start, g.end, g.blocks.to(dev), g.mask.to(dev), _lens(g, dev))
+                           for g in groups],
             block_tables=None if tables_t is None else tables_t.to(dev),
             context_lens=None if lens_t is None else lens_t.to(dev),
             prefills=[_to(p, dev) for p in prefills],
@@ -109,7 +115,7 @@ class Runner:
         lens = ctx_lens[a:b]
         nb = -(-int(lens.max()) // self.block_size)
         valid = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
-        return DecodeGroup(a, b, tables[a:b, :nb], valid[:, None, None, :])
+        return DecodeGroup(a, b, tables[a:b, :nb], valid[:, None, None, :], lens)
 
     def blocks(self) -> torch.Tensor:
         """The cache viewed per block: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
@@ -143,4 +149,8 @@ def _to(p: PrefillSpan, dev: torch.device) -> PrefillSpan:
     if p.slots is None or dev.type == "cpu":
         return p
     assert p.mask is not None
-    return PrefillSpan(p.q_start, p.q_len, p.ctx_len, p.slots.to(dev), p.mask.to(dev))
+    return PrefillSpan(p.q_start, p.q_len, p.ctx_len, p.slots.to(dev), p.mask.to(dev), p.k_start)
+
+
+def _lens(g: DecodeGroup, dev: torch.device) -> torch.Tensor | None:
+    return None if g.lens is None else g.lens.to(dev)

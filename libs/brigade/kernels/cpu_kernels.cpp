@@ -65,11 +65,13 @@ extern "C" {
 
 // out[n, H, D] = softmax(q . K^T * scale) V for each decode query over its paged context.
 // k_cache/v_cache: [slots, KVH, D] (slot = block * block_size + offset); tables: [n, max_blocks] int32.
+// window > 0: the query (at position len - 1) sees only the last `window` keys; table entries before them are
+// never read (their blocks may have gone back to the pool, the entry a placeholder).
 // One task per (sequence, kv head): the group's query heads share every K/V row they read.
 void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* tables,
                             const int32_t* lens, float* out, int64_t n, int64_t heads, int64_t kv_heads,
-                            int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
-                            int threads) {
+                            int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t window,
+                            float scale, int threads) {
     const int64_t group = heads / kv_heads;
     const int64_t row = kv_heads * head_dim;  // floats between consecutive slots
 #pragma omp parallel num_threads(threads)
@@ -79,12 +81,14 @@ void paged_decode_attention(const float* q, const float* k_cache, const float* v
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n * kv_heads; ++task) {
             const int64_t s = task / kv_heads, kh = task % kv_heads;
-            const int64_t len = lens[s];
+            const int64_t lo = window > 0 && lens[s] > window ? lens[s] - window : 0;  // first key position
+            const int64_t len = lens[s] - lo;  // keys attended, at positions lo + t
             const int32_t* table = tables + s * max_blocks;
             scores.resize(group * len);
             const float* qs = q + (s * heads + kh * group) * head_dim;
             for (int64_t t = 0; t < len; ++t) {
-                const float* k = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row +
+                const int64_t pos = lo + t;
+                const float* k = k_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * row +
                                  kh * head_dim;
                 for (int64_t g = 0; g < group; ++g) {
                     const float* qg = qs + g * head_dim;
@@ -104,7 +108,8 @@ void paged_decode_attention(const float* q, const float* k_cache, const float* v
             }
             for (int64_t i = 0; i < group * head_dim; ++i) acc[i] = 0.f;
             for (int64_t t = 0; t < len; ++t) {
-                const float* v = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row +
+                const int64_t pos = lo + t;
+                const float* v = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * row +
                                  kh * head_dim;
                 for (int64_t g = 0; g < group; ++g) {
                     const float p = scores[g * len + t];

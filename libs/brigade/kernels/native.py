@@ -31,7 +31,8 @@ _failed = False
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "paged_decode_attention": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _int],
+    "paged_decode_attention": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32,
+                               _int],
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int],
     "rotary": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
     "silu_mul": [_ptr, _ptr, _i64, _i64, _int],
@@ -144,8 +145,11 @@ def _lib_or_raise() -> ctypes.CDLL:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """q [n, H, D] over caches [slots, KVH, D] through int32 block tables [n, B] and lengths [n] -> [n, H, D]."""
+                           lens: torch.Tensor, block_size: int, scale: float, window: int = 0) -> torch.Tensor:
+    """q [n, H, D] over caches [slots, KVH, D] through int32 block tables [n, B] and lengths [n] -> [n, H, D].
+
+    `window` > 0: each query sees only its last `window` keys; table entries before them are not read.
+    """
     _check(q, k_cache, v_cache)
     assert tables.dtype == torch.int32 and lens.dtype == torch.int32 and tables.is_contiguous()
     n, heads, dim = q.shape
@@ -153,7 +157,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if n:
         _lib_or_raise().paged_decode_attention(
             _p(q), _p(k_cache), _p(v_cache), _p(tables), _p(lens), _p(out), n, heads, k_cache.shape[1], dim,
-            block_size, tables.shape[1], scale, torch.get_num_threads())
+            block_size, tables.shape[1], window, scale, torch.get_num_threads())
     return out
 
 

@@ -81,6 +81,7 @@ def _next_pow2(n: int) -> int:
 def _decode_split_kernel(
     Q, K, V, BT, CL, OUT, LSE,
     qk_scale,
+    window,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -110,11 +111,15 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g
 
     ctx = tl.load(CL + b)
+    # Sliding window: keys [lo, ctx) only; the tiles before lo's are never visited and the block-table entries
+    # before lo never loaded (their blocks may be back in the pool). `window` is huge when there is none.
+    lo = tl.maximum(ctx - window, 0)
+    first_tile = lo // TILE_N
     # Splits are cut per sequence in whole tiles, so every split of a long sequence gets work and a tile never
     # straddles two splits; short sequences simply leave their trailing splits empty.
     num_tiles = tl.cdiv(ctx, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
@@ -130,7 +135,7 @@ def _decode_split_kernel(
     v_base = V + kvh * stride_vh
     for tile in range(tile_lo, tile_hi):
         tok = tile * TILE_N + offs_n
-        t_mask = tok < ctx
+        t_mask = (tok < ctx) & (tok >= lo)
         # The mask keeps block-table padding (which may hold garbage such as -1) from ever being read.
         blk = tl.load(BT + b * stride_btb + (tok // BLOCK_SIZE) * stride_btn, mask=t_mask, other=0)
         # int64: block id * block stride overflows int32 on large caches.
@@ -247,11 +252,13 @@ def paged_decode(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Single-token attention over a paged KV cache.
 
     q: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D]; block_tables: int [B, max_blocks];
     context_lens: int [B] (0 for padded rows, which yield zeros). Query head h reads KV head h // (H // KVH).
+    window > 0: each query sees only its last `window` keys (table entries before them are never read).
     Returns [B, H, D] in q's dtype, computed with fp32 softmax and accumulation.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -272,8 +279,11 @@ def paged_decode(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+        span = block_tables.shape[1] * block_size
+        num_splits = default_num_splits(batch, num_kv_heads, min(span, window or span), q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
@@ -298,12 +308,14 @@ def paged_decode(
     )
     grid = (batch, num_kv_heads, num_splits)
     inputs = (q, k_cache, v_cache, block_tables, context_lens)
+    # No window: one longer than any context, so the kernel has a single code path.
+    window_arg = window if window > 0 else 1 << 30
     in_strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride())
     qk_scale = float(scale) * _LOG2E
 
     if num_splits == 1:
         split_kernel[grid](
-            *inputs, out, out, qk_scale, *in_strides,
+            *inputs, out, out, qk_scale, window_arg, *in_strides,
             out.stride(0), out.stride(1), 0, out.stride(2),
             0, 0, 0,  # no LSE in the one-split path (its pointer argument is a placeholder)
             1, DIRECT=True, **meta,
@@ -313,7 +325,7 @@ def paged_decode(
     part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     split_kernel[grid](
-        *inputs, part, lse, qk_scale, *in_strides,
+        *inputs, part, lse, qk_scale, window_arg, *in_strides,
         *part.stride(), *lse.stride(),
         num_splits, DIRECT=False, **meta,
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Expert tensors of MoE checkpoints in both layouts: which names they are, and loading a subset of them.
 
 - published Mixtral layout: `model.layers.L.block_sparse_moe.experts.E.w{1,2,3}.weight` (w1 gate, w3 up, w2 down);
+- published Qwen3-MoE layout: `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`;
 - transformers v5 fused layout: `model.layers.L.mlp.experts.gate_up_proj` [E, 2I, h] and `...down_proj` [E, h, I].
 """
 
@@ -17,12 +18,14 @@ from brigade.model.config import ModelError, load_config
 from brigade.model.loader import checkpoint_files
 
 _PER_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight$")
+_PER_EXPERT_QWEN = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_QWEN_PART = {"gate": "w1", "down": "w2", "up": "w3"}  # in Mixtral's names
 
 
 def is_expert_tensor(name: str) -> bool:
     """True for the experts' weights (not the router): a worker with remote experts skips them."""
-    return bool(_PER_EXPERT.match(name) or _FUSED.match(name))
+    return bool(_PER_EXPERT.match(name) or _PER_EXPERT_QWEN.match(name) or _FUSED.match(name))
 
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -53,10 +56,11 @@ def load_expert_weights(model_dir: str | Path, held: Sequence[Sequence[int]], dt
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    if m := _PER_EXPERT.match(name):
+                    if (m := _PER_EXPERT.match(name)) or (m := _PER_EXPERT_QWEN.match(name)):
                         layer, e = int(m[1]), int(m[2])
                         if layer < len(wanted) and e in wanted[layer]:
-                            parts[(layer, e, f"w{m[3]}")] = f.get_tensor(name).to(dtype)
+                            part = _QWEN_PART.get(m[3], f"w{m[3]}")
+                            parts[(layer, e, part)] = f.get_tensor(name).to(dtype)
                     elif m := _FUSED.match(name):
                         layer = int(m[1])
                         if layer >= len(wanted):
@@ -74,14 +78,17 @@ def load_expert_weights(model_dir: str | Path, held: Sequence[Sequence[int]], dt
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelError(f"{path}: cannot read safetensors ({e})") from e
     out = []
+    inter = cfg.expert_intermediate_size
     for layer, experts in enumerate(wanted):
+        if layer in cfg.dense_layers:  # a dense MLP layer (Qwen3-MoE mlp_only_layers): no experts to hold
+            experts = []
         missing = [f"layer {layer} expert {e}" for e in experts for w in ("w1", "w2", "w3")
                    if (layer, e, w) not in parts]
         if missing:
             raise ModelError(f"{cfg.name}: checkpoint is missing expert weights: {', '.join(sorted(set(missing))[:5])}")
         if not experts:
-            out.append((torch.empty(0, 2 * cfg.intermediate_size, cfg.hidden_size, dtype=dtype),
-                        torch.empty(0, cfg.hidden_size, cfg.intermediate_size, dtype=dtype)))
+            out.append((torch.empty(0, 2 * inter, cfg.hidden_size, dtype=dtype),
+                        torch.empty(0, cfg.hidden_size, inter, dtype=dtype)))
             continue
         gate_up = torch.stack([torch.cat([parts[(layer, e, "w1")], parts[(layer, e, "w3")]]) for e in experts])
         down = torch.stack([parts[(layer, e, "w2")] for e in experts])

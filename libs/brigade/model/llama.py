@@ -1,7 +1,9 @@
-"""Llama-family forward (Llama, Mistral, Qwen2, Mixtral) over a paged KV cache.
+"""Llama-family forward (Llama, Mistral, Qwen2, Mixtral, Qwen3, Qwen3-MoE, Phi-3) over a paged KV cache.
 
 Plain tensors and functional ops, no nn.Module: a step's tokens arrive flattened ([T]) with their
-positions, attention metadata says which cache slots each token writes and reads.
+positions, attention metadata says which cache slots each token writes and reads. What differs between the
+families (tensor layouts, q/k norms, partial and long rotary) lives in `families`; Gemma has its own forward
+(`gemma`), and `load_model` picks the class by the config's arch.
 
 Two paths compute the same function. The reference path is eager torch, op by op as Hugging Face does it. The
 fast path (float32 on the CPU, `fast=True`) multiplies by oneDNN-prepacked weights and runs the pointwise steps
@@ -10,7 +12,6 @@ as fused native kernels: residual add + RMSNorm in one pass, rotary in place on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,64 +21,14 @@ from brigade.kernels import linear as L
 from brigade.kernels import native
 from brigade.kernels.attention import Attention, AttnMeta, TorchAttention
 from brigade.kernels.moe import MoEExecutor, default_experts
-from brigade.model.config import ModelConfig, ModelError, load_config, rope_inv_freq
+from brigade.model.config import ModelConfig, ModelError, load_config
 from brigade.model.experts import is_expert_tensor
+from brigade.model.families import Layer, Rotary, accepts_window, load_layers, rms_norm, rotate
 from brigade.model.loader import load_tensors, require
 
+__all__ = ["Layer", "Model", "load_model", "rms_norm", "rotate"]
 
-@dataclass
-class Layer:
-    """One decoder layer's weights; q/k/v and gate/up are fused for fewer, larger matmuls."""
-
-    input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor | None  # dense MLP [2I, hidden]
-    down: torch.Tensor | None
-    router: torch.Tensor | None  # MoE gate [E, hidden]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as Hugging Face does."""
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary embedding (half-split layout) to x [T, heads, D]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _expert_weights(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router [E, h], gate_up [E, 2I, h], down [E, h, I] from either checkpoint layout."""
-    p = f"model.layers.{i}."
-    if f"{p}block_sparse_moe.gate.weight" in t:  # the published Mixtral layout: one tensor per expert
-        names = [f"{p}block_sparse_moe.experts.{e}.w{w}.weight" for e in range(cfg.num_experts) for w in (1, 2, 3)]
-        require(t, names, cfg.name)
-        ex = [f"{p}block_sparse_moe.experts.{e}." for e in range(cfg.num_experts)]
-        gate_up = torch.stack([torch.cat([t.pop(x + "w1.weight"), t.pop(x + "w3.weight")]) for x in ex])
-        down = torch.stack([t.pop(x + "w2.weight") for x in ex])
-        return t.pop(f"{p}block_sparse_moe.gate.weight"), gate_up, down
-    names = [f"{p}mlp.gate.weight", f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj"]
-    require(t, names, cfg.name)  # transformers v5 fused layout
-    return t.pop(names[0]), t.pop(names[1]), t.pop(names[2])
-
-
-def _router_weight(t: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> torch.Tensor:
-    """Just the router [E, h] (experts run elsewhere), from either checkpoint layout."""
-    p = f"model.layers.{i}."
-    names = [f"{p}block_sparse_moe.gate.weight", f"{p}mlp.gate.weight"]
-    found = [n for n in names if n in t]
-    if not found:
-        raise ModelError(f"{cfg.name}: checkpoint is missing tensors: {names[0]} (or {names[1]})")
-    return t.pop(found[0])
+KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Model:
@@ -89,38 +40,9 @@ class Model:
         """`fast`: use the fast path (None: wherever it applies, i.e. float32 on the CPU with the native
         kernels built); False keeps the eager reference path."""
         self.cfg = cfg
-        self.attention: Attention = attention or TorchAttention()
         t = dict(tensors)
-        layers = []
-        expert_w: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            attn = [f"{p}self_attn.{n}_proj.weight" for n in "qkvo"]
-            norms = [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-            require(t, attn + norms, cfg.name)
-            bias = None
-            if cfg.attention_bias:
-                bnames = [f"{p}self_attn.{n}_proj.bias" for n in "qkv"]
-                require(t, bnames, cfg.name)
-                bias = torch.cat([t.pop(n) for n in bnames])
-            gate_up = down = router = None
-            if cfg.is_moe and experts is not None:  # remote or custom executor: the router only
-                router = _router_weight(t, cfg, i)
-            elif cfg.is_moe:
-                router, gu, dn = _expert_weights(t, cfg, i)
-                expert_w.append((gu, dn))
-            else:
-                mlp = [f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-                require(t, mlp, cfg.name)
-                gate_up = torch.cat([t.pop(mlp[0]), t.pop(mlp[1])])
-                down = t.pop(mlp[2])
-            layers.append(Layer(
-                input_norm=t.pop(norms[0]), post_norm=t.pop(norms[1]),
-                qkv=torch.cat([t.pop(n) for n in attn[:3]]), qkv_bias=bias, o=t.pop(attn[3]),
-                gate_up=gate_up, down=down, router=router,
-            ))
+        self.layers, expert_w = load_layers(t, cfg, remote_experts=experts is not None)
         require(t, ["model.embed_tokens.weight", "model.norm.weight"], cfg.name)
-        self.layers = layers
         self.embed = t.pop("model.embed_tokens.weight")
         self.norm = t.pop("model.norm.weight")
         if cfg.tie_word_embeddings or "lm_head.weight" not in t:
@@ -135,14 +57,28 @@ class Model:
         self.experts: MoEExecutor | None = None
         if cfg.is_moe:
             self.experts = experts or default_experts(expert_w)
-        self.inv_freq = rope_inv_freq(cfg)
-        self.scale = cfg.head_dim ** -0.5
-        applies = L.can_pack(self.embed) and native.available()  # float32 on the CPU, oneDNN, the kernels built
+        self.rope = Rotary(cfg, self.embed.device)
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
+        self.attention: Attention = self._attention(attention or TorchAttention())
+        # Keyword arguments of each layer's attention call: a window only where the layer has one.
+        self.attn_kw: list[dict[str, int]] = [{"window": w} if (w := cfg.window(i)) else {}
+                                              for i in range(cfg.num_layers)]
+        applies = self._fast_applies()
         if fast and not applies:
             raise ModelError("the fast path needs a float32 model on the CPU and the native kernels")
         self.fast = applies if fast is None else fast
         if self.fast:
             self._pack()
+
+    def _attention(self, attention: Attention) -> Attention:
+        """The attention backend to use; a model with sliding layers needs one that takes `window=`."""
+        if self.cfg.sliding_window and not accepts_window(attention):
+            raise ModelError(f"{self.cfg.name}: sliding-window attention ({self.cfg.sliding_window}) needs an "
+                             f"attention backend with windows; {type(attention).__name__} has none")
+        return attention
+
+    def _fast_applies(self) -> bool:
+        return L.can_pack(self.embed) and native.available()  # float32 on the CPU, oneDNN, the kernels built
 
     def _pack(self) -> None:
         """Reorder every dense weight into oneDNN's layout once (the embedding keeps its own for lookups)."""
@@ -156,32 +92,49 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
-                kv: list[tuple[torch.Tensor, torch.Tensor]], logits_index: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, qkv: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [T, heads, D] from the fused projection: per-head q/k norm where the family has it, then
+        rotary (cos/sin [T, 1, rotary_dim], the full form)."""
+        cfg = self.cfg
+        n_q, n_kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+        q = qkv[:, :n_q].view(-1, cfg.num_heads, d)
+        k = qkv[:, n_q:n_q + n_kv].view(-1, cfg.num_kv_heads, d)
+        v = qkv[:, n_q + n_kv:].view(-1, cfg.num_kv_heads, d)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = self.head_norm(q, layer.q_norm), self.head_norm(k, layer.k_norm)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.cfg.rms_norm_eps)
+
+    def full_cos_sin(self, rope: Rotary, positions: torch.Tensor, meta: AttnMeta,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, rotary_dim] in the model's dtype, the reference path's form."""
+        cos, sin = rope.cos_sin(positions, meta)
+        return (torch.cat((cos, cos), -1)[:, None, :].to(self.dtype),
+                torch.cat((sin, sin), -1)[:, None, :].to(self.dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta, kv: KV,
+                logits_index: torch.Tensor) -> torch.Tensor:
         """Run one step; return fp32 logits [len(logits_index), vocab] for the selected tokens."""
         if self.fast:
             return self._forward_fast(input_ids, positions, meta, kv, logits_index)
         cfg = self.cfg
-        n_q, n_kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None, :].to(self.dtype), emb.sin()[:, None, :].to(self.dtype)
+        cos, sin = self.full_cos_sin(self.rope, positions, meta)
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q = rotate(qkv[:, :n_q].view(-1, cfg.num_heads, d), cos, sin)
-            k = rotate(qkv[:, n_q:n_q + n_kv].view(-1, cfg.num_kv_heads, d), cos, sin)
-            v = qkv[:, n_q + n_kv:].view(-1, cfg.num_kv_heads, d)
-            o = self.attention(q, k, v, kv[i][0], kv[i][1], meta, self.scale)
-            h = h + F.linear(o.reshape(-1, n_q), layer.o)
+            q, k, v = self.split_heads(F.linear(x, layer.qkv, layer.qkv_bias), layer, cos, sin)
+            o = self.attention(q, k, v, kv[i][0], kv[i][1], meta, self.scale, **self.attn_kw[i])
+            h = h + F.linear(o.reshape(-1, cfg.num_heads * cfg.head_dim), layer.o)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
             h = h + self._mlp(i, layer, x)
         h = rms_norm(h[logits_index], self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
 
-    def _forward_fast(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
-                      kv: list[tuple[torch.Tensor, torch.Tensor]], logits_index: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta, kv: KV,
+                      logits_index: torch.Tensor) -> torch.Tensor:
         """The reference forward's function with packed matmuls and fused pointwise kernels (float32, CPU).
 
         `residual` carries the running hidden state; each `add_rms_norm` adds the previous block's output
@@ -189,19 +142,18 @@ class Model:
         """
         cfg = self.cfg
         n_q, n_kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = self.rope.cos_sin(positions, meta)
         residual = F.embedding(input_ids, self.embed)
         delta: torch.Tensor | None = None
         eps = cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
             x = native.add_rms_norm(delta, residual, layer.input_norm, eps)
             qkv = L.linear(x, layer.qkv, layer.qkv_bias)
-            native.rotary(qkv, cos, sin, cfg.num_heads + cfg.num_kv_heads, d)
             q = qkv[:, :n_q].view(-1, cfg.num_heads, d)
             k = qkv[:, n_q:n_q + n_kv].view(-1, cfg.num_kv_heads, d)
             v = qkv[:, n_q + n_kv:].view(-1, cfg.num_kv_heads, d)
-            o = self.attention(q, k, v, kv[i][0], kv[i][1], meta, self.scale)
+            self._norm_rotate_fast(qkv, q, k, layer, cos, sin)
+            o = self.attention(q, k, v, kv[i][0], kv[i][1], meta, self.scale, **self.attn_kw[i])
             x = native.add_rms_norm(L.linear(o.reshape(-1, n_q), layer.o), residual, layer.post_norm, eps)
             if layer.router is None:
                 assert layer.gate_up is not None and layer.down is not None
@@ -213,6 +165,21 @@ class Model:
         h = native.add_rms_norm(None, residual[logits_index], self.norm, eps)
         return L.linear(h, self.lm_head)
 
+    def _norm_rotate_fast(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layer: Layer,
+                          cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """q/k norm and rotary, in place on the fused qkv rows (cos/sin [T, rotary_dim / 2])."""
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q.copy_(rms_norm(q, layer.q_norm, self.cfg.rms_norm_eps))
+            k.copy_(rms_norm(k, layer.k_norm, self.cfg.rms_norm_eps))
+        if cos.shape[-1] * 2 == self.cfg.head_dim:
+            native.rotary(qkv, cos, sin, self.cfg.num_heads + self.cfg.num_kv_heads, self.cfg.head_dim)
+            return
+        # Partial rotary: the kernel rotates whole heads, so rotate the leading dims in torch.
+        full_cos, full_sin = torch.cat((cos, cos), -1)[:, None, :], torch.cat((sin, sin), -1)[:, None, :]
+        r = full_cos.shape[-1]
+        for x in (q, k):
+            x[..., :r] = rotate(x[..., :r], full_cos, full_sin)
+
     def _mlp(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         if layer.router is None:
             assert layer.gate_up is not None and layer.down is not None
@@ -221,18 +188,24 @@ class Model:
         assert self.experts is not None
         probs = torch.softmax(F.linear(x, layer.router).float(), dim=-1)
         weights, ids = torch.topk(probs, self.cfg.num_experts_per_tok, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        return self.experts(i, x, ids, weights)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(i, x, ids, weights.to(x.dtype))
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
                attention: Attention | None = None, experts: MoEExecutor | None = None,
                device: str = "cpu", fast: bool | None = None) -> Model:
-    """Load a Hugging Face checkpoint directory into a `Model`."""
+    """Load a Hugging Face checkpoint directory into a `Model` (a `GemmaModel` for Gemma 2 and 3)."""
     cfg = load_config(model_dir)
     # With an executor given, the experts' weights live elsewhere (shards): do not even read them.
     keep = (lambda name: not is_expert_tensor(name)) if experts is not None else (lambda name: True)
     tensors = load_tensors(model_dir, keep=keep, dtype=dtype)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
-    return Model(cfg, tensors, experts=experts, attention=attention, fast=fast)
+    cls: type[Model] = Model
+    if cfg.arch in ("gemma2", "gemma3"):
+        from brigade.model.gemma import GemmaModel  # imports this module
+
+        cls = GemmaModel
+    return cls(cfg, tensors, experts=experts, attention=attention, fast=fast)

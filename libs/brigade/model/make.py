@@ -1,4 +1,5 @@
-"""Make small random-weight HF checkpoints (Llama, Qwen2, Mixtral) with a real trained BPE tokenizer.
+"""Make small random-weight HF checkpoints (Llama, Qwen2, Mixtral, and the families in `make_families`: Qwen3,
+Qwen3-MoE, Phi-3, Gemma 2 and 3) with a real trained BPE tokenizer.
 
 Used by `brigade make-model`, by tests and benchmarks, and for the built-in `demo` model. The output is a
 plain Hugging Face checkpoint directory that `transformers` loads, with tensors in the canonical published
@@ -11,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 import tempfile
 import warnings
@@ -24,10 +24,12 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from brigade.model.make_families import ARCH_CLASS, FAMILY_ARCHS, family_config, family_layout, family_spec
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-ARCHS: tuple[str, ...] = ("llama", "qwen2", "mixtral")
+ARCHS: tuple[str, ...] = ("llama", "qwen2", "mixtral", *FAMILY_ARCHS)
 SIZES: tuple[str, ...] = ("tiny", "bench")
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -59,10 +61,9 @@ PRETOKENIZE_REGEX = (
 
 # Bump when the corpus recipe or trainer settings change, so disk-cached tokenizers are not reused.
 _TOKENIZER_RECIPE = "bpe-qwen2-pipeline-v1"
-# Bump when weights/config recipe changes, so a cached demo model is rebuilt.
-_MODEL_RECIPE = "v1"
 
-_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+               **ARCH_CLASS}
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,13 @@ class ModelSpec:
     experts: int = 0
     experts_per_tok: int = 0
     rms_norm_eps: float = 1e-5
+    head_size: int = 0  # head_dim where it is not hidden / heads
+    moe_intermediate: int = 0  # the experts' width where it is not `intermediate`
+    dense_layers: tuple[int, ...] = ()  # dense-MLP layers of an MoE model
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
 
 def model_spec(arch: str, size: str) -> ModelSpec:
@@ -98,6 +102,8 @@ def model_spec(arch: str, size: str) -> ModelSpec:
         raise ValueError(f"unknown size {size!r}: expected one of {', '.join(SIZES)}")
     if size == "tiny":
         base = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, max_positions=512, vocab=1024)
+        if arch in FAMILY_ARCHS:
+            return family_spec(arch, size, ModelSpec, base)
         if arch == "llama":
             # original_max_position_embeddings=64 puts the llama3 wavelength cut-offs (16 and 64 positions)
             # inside head_dim 16's band, so the scaling really changes most frequencies.
@@ -116,6 +122,8 @@ def model_spec(arch: str, size: str) -> ModelSpec:
         hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2, max_positions=8192, vocab=32000,
         rope_theta=500000.0,
     )
+    if arch in FAMILY_ARCHS:
+        return family_spec(arch, size, ModelSpec, {k: v for k, v in base.items() if k != "rope_theta"})
     if arch == "llama":
         return ModelSpec(arch, **base)
     if arch == "qwen2":
@@ -276,14 +284,14 @@ def make_state_dict(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
             sd[p + "self_attn.v_proj.bias"] = rand(kv_out, std=0.1)
         sd[p + "self_attn.o_proj.weight"] = rand(h, q_out, std=q_out**-0.5)
         sd[p + "post_attention_layernorm.weight"] = norm(h)
-        if spec.experts:
-            m = p + "block_sparse_moe."
+        if spec.experts and i not in spec.dense_layers:
+            m, ei = p + "block_sparse_moe.", spec.moe_intermediate or inter
             sd[m + "gate.weight"] = rand(spec.experts, h, std=h**-0.5)
             for e in range(spec.experts):
                 # Mixtral's names: w1 = gate, w3 = up, w2 = down.
-                sd[f"{m}experts.{e}.w1.weight"] = rand(inter, h, std=h**-0.5)
-                sd[f"{m}experts.{e}.w2.weight"] = rand(h, inter, std=inter**-0.5)
-                sd[f"{m}experts.{e}.w3.weight"] = rand(inter, h, std=h**-0.5)
+                sd[f"{m}experts.{e}.w1.weight"] = rand(ei, h, std=h**-0.5)
+                sd[f"{m}experts.{e}.w2.weight"] = rand(h, ei, std=ei**-0.5)
+                sd[f"{m}experts.{e}.w3.weight"] = rand(ei, h, std=h**-0.5)
         else:
             sd[p + "mlp.gate_proj.weight"] = rand(inter, h, std=h**-0.5)
             sd[p + "mlp.up_proj.weight"] = rand(inter, h, std=h**-0.5)
@@ -293,7 +301,7 @@ def make_state_dict(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     sd["model.norm.weight"] = rand(h, std=1.0) if spec.tied else norm(h)
     if not spec.tied:
         sd["lm_head.weight"] = rand(spec.vocab, h, std=out_std)
-    return sd
+    return family_layout(spec, sd, rand) if spec.arch in FAMILY_ARCHS else sd
 
 
 def make_config(spec: ModelSpec, token_ids: dict[str, int]) -> PretrainedConfig:
@@ -318,7 +326,9 @@ def make_config(spec: ModelSpec, token_ids: dict[str, int]) -> PretrainedConfig:
         eos_token_id=[token_ids[EOS_TOKEN], token_ids[IM_END]],
         pad_token_id=token_ids[PAD_TOKEN],
     )
-    if spec.arch == "llama":
+    if spec.arch in FAMILY_ARCHS:
+        cfg = family_config(spec, common)
+    elif spec.arch == "llama":
         cfg = LlamaConfig(head_dim=spec.head_dim, attention_bias=False, mlp_bias=False, **common)
     elif spec.arch == "qwen2":
         # Qwen2Config has no head_dim field (always hidden / heads); q/k/v bias is built into the arch.
@@ -368,50 +378,3 @@ def make_model(arch: str, size: str, out: str | Path, seed: int = 0, vocab: int 
     # Written by hand rather than via save_pretrained: names and bytes then depend on this file alone.
     save_file(make_state_dict(spec, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
-
-
-def _demo_is_current(marker: Path) -> bool:
-    try:
-        return json.loads(marker.read_text()).get("recipe") == _MODEL_RECIPE
-    except (OSError, ValueError):
-        return False
-
-
-def demo_model_dir() -> Path:
-    """The built-in demo model (llama, tiny, seed 0), made on first use under the cache dir.
-
-    Built in a temporary sibling and renamed into place, so racing processes never see a partial model.
-    """
-    root = cache_dir() / "models"
-    final = root / "demo"
-    marker = final / "brigade-demo.json"
-    if _demo_is_current(marker):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache shared with other users (containers) must stay readable
-    try:
-        make_model("llama", "tiny", tmp, seed=0)
-        (tmp / "brigade-demo.json").write_text(json.dumps({"recipe": _MODEL_RECIPE}) + "\n")
-        for _ in range(3):
-            try:
-                os.rename(tmp, final)  # fails while a non-empty `final` exists
-                return final
-            except OSError:
-                if _demo_is_current(marker):
-                    return final  # another process won the race with a complete copy
-            # A stale (older recipe) or broken copy: move it aside atomically, then retry.
-            old = Path(tempfile.mkdtemp(prefix=".demo-old-", dir=root))
-            try:
-                os.rename(final, old / "demo")
-            except FileNotFoundError:
-                pass  # someone else moved it already
-            shutil.rmtree(old, ignore_errors=True)
-        raise RuntimeError(f"could not install the demo model at {final}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def resolve_model(name: str | Path) -> Path:
-    """A model directory from a CLI value: "demo" is the built-in demo model, made on first use."""
-    return demo_model_dir() if str(name) == "demo" else Path(name)

@@ -31,7 +31,7 @@ from brigade.experts.placement import parse_placement, parse_shard
 from brigade.experts.shard import ExpertShard
 from brigade.kernels import native
 from brigade.model.config import load_config
-from brigade.model.make import resolve_model
+from brigade.model.resolve import resolve_model
 from brigade.procs import stop_on_signals
 
 log = logging.getLogger("brigade.experts")

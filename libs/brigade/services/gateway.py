@@ -723,9 +723,9 @@ class _Server(uvicorn.Server):
 async def serve(config: GatewayConfig) -> None:
     """Connect the bus, load the tokenizer, and serve HTTP until SIGINT/SIGTERM."""
     from brigade.model.config import load_config
-    from brigade.model.make import demo_model_dir
+    from brigade.model.resolve import resolve_model
 
-    model_dir = await asyncio.to_thread(demo_model_dir) if config.model == "demo" else Path(config.model)
+    model_dir = await asyncio.to_thread(resolve_model, config.model)
     tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
     if config.chat_template:  # --chat-template: a file, else the template itself (as vLLM takes it)
         path = Path(config.chat_template)

@@ -33,7 +33,7 @@ from brigade.kernels import native
 from brigade.kernels.moe import MoEExecutor
 from brigade.kv import transfer
 from brigade.kv.pool import KvEvent
-from brigade.model.make import resolve_model
+from brigade.model.resolve import resolve_model
 from brigade.procs import stop_on_signals
 from brigade.telemetry import TransferMetrics, engine_registry
 
