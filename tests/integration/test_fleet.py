@@ -31,7 +31,7 @@ def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
 
 def _start_worker(up: Up, model: str, worker_id: str) -> subprocess.Popen[bytes]:
     assert up.nats is not None
-    argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.url, "--model", model,
+    argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.client_url, "--model", model,
             "--worker-id", worker_id, "--threads", "1", "--num-blocks", "128"]
     return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -39,12 +39,12 @@ def _start_worker(up: Up, model: str, worker_id: str) -> subprocess.Popen[bytes]
 def _routed(up: Up, body: dict[str, object], n: int) -> dict[str, int]:
     """Send n requests (all must succeed); return how many each worker served meanwhile."""
     assert up.nats is not None
-    before = {w: st.served for w, st in latest(up.nats.url).items()}
+    before = {w: st.served for w, st in latest(up.nats.client_url).items()}
     url = f"http://{up.cfg.host}:{up.cfg.port}"
     for _ in range(n):
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
-    after = {w: st.served for w, st in latest(up.nats.url).items()}
+    after = {w: st.served for w, st in latest(up.nats.client_url).items()}
     return {w: c - before.get(w, 0) for w, c in after.items() if c - before.get(w, 0)}
 
 
@@ -71,7 +71,7 @@ def test_worker_joins_and_leaves(up: Up, tiny_models: dict[str, Path], stop_sign
 
     late = _start_worker(up, str(tiny_models["llama"]), "late-1")
     try:
-        asyncio.run(_wait_status(up.nats.url, "late-1"))
+        asyncio.run(_wait_status(up.nats.client_url, "late-1"))
         time.sleep(0.3)  # the router has seen the same heartbeat by now
         assert _routed(up, body, 6) == {"decode-0": 3, "late-1": 3}  # round-robin over both
     finally:
@@ -93,11 +93,12 @@ def test_failed_kv_transfer_falls_back_to_local_prefill(tiny_models: dict[str, P
                      worker_args=("--num-blocks", "128", "--kv-transport", "nats")))
     up.start(timeout=120)
     assert up.nats is not None
-    prefill = subprocess.Popen([sys.executable, "-m", "brigade.cli", "prefill", "--nats", up.nats.url, "--model", model,
+    prefill = subprocess.Popen([sys.executable, "-m", "brigade.cli", "prefill", "--nats", up.nats.client_url,
+                                "--model", model,
                                 "--worker-id", "prefill-shm", "--threads", "1", "--kv-transport", "shm"],
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        asyncio.run(_wait_status(up.nats.url, "prefill-shm"))
+        asyncio.run(_wait_status(up.nats.client_url, "prefill-shm"))
         time.sleep(0.3)
         prompt = "The quick brown fox jumps over the lazy dog and then"
         ref = Engine(EngineConfig(model=model, num_blocks=64)).generate(
@@ -124,17 +125,17 @@ def test_failed_handoff_falls_back_to_the_prefill_worker(tiny_models: dict[str, 
     with Up(UpConfig(model=model, port=free_port(), mode="disagg", prefill=1, decode=0, disagg_threshold=4,
                      kv_transport="nats", worker_args=("--num-blocks", "128"))) as up:
         assert up.nats is not None
-        argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.url, "--model", model,
+        argv = [sys.executable, "-m", "brigade.cli", "decode", "--nats", up.nats.client_url, "--model", model,
                 "--worker-id", "small-1", "--threads", "1", "--num-blocks", "2", "--kv-transport", "nats"]
         small = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            asyncio.run(_wait_status(up.nats.url, "small-1"))
+            asyncio.run(_wait_status(up.nats.client_url, "small-1"))
             time.sleep(0.3)  # the router has seen the same heartbeat by now
             r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", timeout=60, json={
                 "model": "llama", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want.text
-            served = {w: st.served for w, st in latest(up.nats.url).items()}
+            served = {w: st.served for w, st in latest(up.nats.client_url).items()}
             assert served.get("small-1", 0) == 0 and served["prefill-0"] >= 1, served
         finally:
             small.terminate()

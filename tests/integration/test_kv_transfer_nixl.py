@@ -166,7 +166,7 @@ def test_decode_killed_mid_transfer_falls_back(faulty: Up, reference: Engine) ->
     killed: the allocation or the WRITE fails within its timeout, the request is prefilled again on the other
     (live) decode worker and completes with the right text; no block stays allocated on the survivors."""
     assert faulty.nats is not None
-    nats = faulty.nats.url
+    nats = faulty.nats.client_url
     prompt = PROMPT * 4
     want = _want(reference, prompt, 40)
     before = _kv_used(nats)
@@ -196,7 +196,7 @@ def test_prefill_killed_mid_transfer_is_replayed_and_frees_blocks(faulty: Up, re
     reserved blocks; the gateway sees the prefill worker gone (heartbeats, or the decode worker's lease notice)
     and replays the request with the token it already has; the client's stream completes, correct."""
     assert faulty.nats is not None
-    nats = faulty.nats.url
+    nats = faulty.nats.client_url
     prompt = PROMPT * 4
     want = _want(reference, prompt, 40)
     before = _kv_used(nats)

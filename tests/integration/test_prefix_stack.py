@@ -25,11 +25,11 @@ def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
 def _turn(up: Up, prompt: list[int]) -> tuple[str, dict[str, tuple[int, int]]]:
     """One request; returns the worker that served it and per-worker (prefix queries, hits) deltas."""
     assert up.nats is not None
-    before = latest(up.nats.url)
+    before = latest(up.nats.client_url)
     body = {"model": "llama", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     r = httpx.post(f"http://{up.cfg.host}:{up.cfg.port}/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
-    after = latest(up.nats.url)
+    after = latest(up.nats.client_url)
     served = [w for w, st in after.items() if st.served - (before[w].served if w in before else 0)]
     assert len(served) == 1, served
     deltas = {w: (st.prefix_queries - before[w].prefix_queries, st.prefix_hits - before[w].prefix_hits)

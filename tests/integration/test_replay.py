@@ -40,7 +40,7 @@ def test_worker_killed_mid_stream_is_replayed(up: Up, tiny_models: dict[str, Pat
     [want] = ref.generate([ref.tokenizer.encode(PROMPT)], params)
     assert up.nats is not None
 
-    watch = SubjectWatch(up.nats.url, P.worker_generate("*"))  # learns which worker the router chose
+    watch = SubjectWatch(up.nats.client_url, P.worker_generate("*"))  # learns which worker the router chose
     body: dict[str, Any] = {"model": "llama", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True,
                             "stream": True, "stream_options": {"include_usage": True}, "stop": stop}
     body.update({"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed})

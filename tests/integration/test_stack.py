@@ -47,7 +47,7 @@ def stack(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Itera
     up = Up(cfg)
     try:
         url = up.start(timeout=120)
-        yield Stack(up, url, up.nats.url if up.nats else "", str(tiny_models["llama"]))
+        yield Stack(up, url, up.nats.client_url if up.nats else "", str(tiny_models["llama"]))
     finally:
         up.stop()
         mp.undo()

@@ -164,7 +164,7 @@ def run(conf: dict[str, Any], out: str | None = None, plot_path: str | None = No
                 up = Up(up_config(spec["up"]))
                 try:
                     url = up.start(timeout=float(conf.get("start_timeout", 300)))
-                    res = served(url, spec.get("model"), up.nats.url if up.nats else up.cfg.nats,
+                    res = served(url, spec.get("model"), up.nats.client_url if up.nats else up.cfg.nats,
                                  spec.get("tokenizer") or str(resolve_model(up.cfg.model)))
                 finally:
                     up.stop()
