@@ -79,6 +79,8 @@ class GatewayConfig:
     route_timeout: float = 5.0
     worker_timeout: float = 3.0  # a worker silent this long is dead: its requests are replayed elsewhere
     max_replays: int = 2  # per choice; then the client gets the error
+    send_timeout: float = 30.0  # a stream send the client does not take this long cuts the client off
+    max_pending_events: int = 4096  # token chunks a stream may hold for a client not reading; then it is cut
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ HELP = {
     "route_timeout": "longest the router may take to place a request, seconds",
     "worker_timeout": "a worker silent this long is lost: its requests are replayed elsewhere, seconds",
     "max_replays": "replays per choice before the client gets the error",
+    "send_timeout": "a stream client that takes no data for this long is cut off, seconds",
+    "max_pending_events": "token chunks held for a stream client that is not reading before it is cut off",
     "policy": "routing: prefix | round_robin | least_loaded",
     "heartbeat_timeout": "a worker silent this long is dead, seconds",
     "disagg_threshold": "prompts with fewer uncached tokens are prefilled on the decode worker",

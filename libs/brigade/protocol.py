@@ -124,6 +124,9 @@ class GenerateRequest(Message):
     # Where the worker may send this request's tokens in TokenBatch messages shared with the other requests of
     # the same gateway (one message per step per gateway); "": TokenChunk messages to reply_to only.
     batch_to: str = ""
+    # The last TokenChunk.seq sent under this request id: 0 from the gateway; 1 when a prefill worker hands the
+    # request on (a Handoff, or its fallback) after sending the first token, so the next worker numbers from 2.
+    seq: int = 0
 
 
 @dataclass
@@ -155,6 +158,9 @@ class TokenChunk(Message):
     worker_id: str = ""
     error: str | None = None
     retry: bool = False  # the error is the serving path's, not the request's: the gateway may replay it elsewhere
+    # 1, 2, ... per request id, so the gateway notices chunks lost on the bus; 0: not numbered (an error, an older
+    # worker).
+    seq: int = 0
 
 
 _CHUNK_FIELDS = [f.name for f in fields(TokenChunk)]

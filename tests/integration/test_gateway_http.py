@@ -425,3 +425,51 @@ async def test_oversized_body_is_413(nats_url: str, tok: Tokenizer) -> None:
         assert r.status_code == 413
         r = await s.client.post("/v1/completions", json=COMPLETION)
         assert r.status_code == 200 and s.app.state.gateway.inflight == 0
+
+
+def gappy(req: P.GenerateRequest) -> list[P.TokenChunk]:
+    """Ten tokens 't0 '..'t9 ', numbered by seq; the first worker repeats seq 2 and loses seq 4 (the bus dropped
+    it); a replay (output_ids set) goes on from where the gateway resumed it, numbered from 1 again."""
+    start = len(req.output_ids)
+    chunks = [P.TokenChunk(req.request_id, [100 + i], f"t{i} ", "length" if i == 9 else None, prompt_tokens=1,
+                           completion_tokens=i + 1, worker_id="w1", seq=i - start + 1) for i in range(start, 10)]
+    if start == 0:
+        chunks = chunks[:2] + [chunks[1]] + chunks[2:3] + chunks[4:]  # seq 1 2 2 3 5 6 ...
+    return chunks
+
+
+async def test_lost_chunks_replay_the_choice_and_keep_the_text_exact(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        s.responder.script = gappy
+        data = await sse_data(s.client, "/v1/completions", {**COMPLETION, "max_tokens": 10, "stream": True})
+        text = "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1])
+        assert text == "".join(f"t{i} " for i in range(10)) and data[-1] == "[DONE]"
+        first, again = s.responder.requests
+        assert again.request_id == f"{first.request_id}-r1"
+        assert again.output_ids == [100, 101, 102] and again.text_sent == len("t0 t1 t2 ")
+        await s.responder.wait_cancel(first.request_id)
+        assert 'brigade:requests_replayed_total{reason="gap"} 1.0' in (await s.client.get("/metrics")).text
+
+        s.responder.requests.clear()  # the same, not streamed: the usage counts every token once
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10})
+        body = r.json()
+        assert body["choices"][0]["text"] == text and body["usage"]["completion_tokens"] == 10
+        assert len(s.responder.requests) == 2
+
+
+async def test_a_short_token_count_at_the_end_is_a_gap(nats_url: str, tok: Tokenizer) -> None:
+    """Unnumbered chunks (an older worker): the final chunk's count shows the loss, so that chunk is not relayed
+    and the choice is replayed from the tokens the client has."""
+    def unnumbered(req: P.GenerateRequest) -> list[P.TokenChunk]:
+        if req.output_ids:  # the replay: goes on from the one token the client has, counting it
+            return [P.TokenChunk(req.request_id, [101], "b", "length", prompt_tokens=1, completion_tokens=2)]
+        return [P.TokenChunk(req.request_id, [100], "a", prompt_tokens=1, completion_tokens=1),
+                P.TokenChunk(req.request_id, [102], "c", "length", prompt_tokens=1, completion_tokens=3)]
+
+    async with gateway(nats_url, tok) as s:
+        s.responder.script = unnumbered
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "ab" and r.json()["usage"]["completion_tokens"] == 2
+        first, again = s.responder.requests
+        assert again.output_ids == [100] and again.request_id == f"{first.request_id}-r1"

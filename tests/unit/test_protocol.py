@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,26 @@ async def test_worker_splits_a_batch_over_the_max_payload(engine: Engine) -> Non
     assert len(bus.published) > 2 and all(len(data) <= 1024 for _, data in bus.published)
     chunks = [c for _, data in bus.published for c in P.TokenBatch.decode(data).chunks]
     assert [c.request_id for c in chunks] == rids  # in order, each once
+
+
+async def test_worker_numbers_each_requests_chunks(engine: Engine) -> None:
+    """seq 1, 2, ... per request id; a request handed on after the prefill worker's first chunk goes on from 2."""
+    w, bus = _worker(engine)
+    w.active["a"] = P.GenerateRequest("a", [1, 2], {}, "inbox.a", batch_to="_INBOX.g.batch")
+    w.active["b"] = P.GenerateRequest("b", [1, 2], {}, "inbox.b", batch_to="_INBOX.g.batch")
+    await w._on_outputs([_out("a", 5), _out("b", 6)])
+    await w._on_outputs([_out("a", 7)])
+    # What a Handoff (or its fallback) carries is the prefill worker's request as it stands after its chunk.
+    handed_on = P.GenerateRequest.from_dict(asdict(w.active["b"]))
+    w.active["b"] = handed_on
+    await w._on_outputs([_out("b", 8, finished=True)])
+    chunks = [c for _, data in bus.published for c in P.TokenBatch.decode(data).chunks]
+    assert [(c.request_id, c.seq) for c in chunks] == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+
+
+def test_token_chunk_seq_travels_and_older_senders_leave_it_unset() -> None:
+    chunk = P.TokenChunk("a-0", [1], "x", seq=7)
+    assert P.decode_tokens(P.TokenBatch([chunk]).encode()) == [chunk]
+    assert P.decode_tokens(chunk.encode()) == [chunk]
+    older = _wire(["request_id", "token_ids", "text"], [["a-0", [1], "x"]])  # a worker from before seq
+    assert P.decode_tokens(older)[0].seq == 0

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import anyio
 import uvicorn
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -40,7 +41,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from brigade import openai_api as api
 from brigade import protocol as P
@@ -48,6 +49,7 @@ from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.config import GatewayConfig, default_served_names
 from brigade.model.tokenizer import Tokenizer
+from brigade.stream_order import ChunkOrder, Order, count_mismatch
 
 log = logging.getLogger("brigade.gateway")
 WATCH_PERIOD_S = 0.5
@@ -97,6 +99,8 @@ class Metrics:
         self.inflight = Gauge("brigade:gateway_requests_inflight", "Requests the gateway is serving", registry=r)
         self.replayed = Counter("brigade:requests_replayed", "Choices moved to another worker mid-generation, by why",
                                 ["reason"], registry=r)
+        self.streams_cut = Counter("brigade:streams_cut", "Streams cut off as their client stopped reading, by why",
+                                   ["reason"], registry=r)
         self.model_name = model_name
 
     def success(self, reason: str) -> None:
@@ -129,8 +133,13 @@ class Flow:
         self.output: list[list[int]] = [[] for _ in range(req.num_choices)]
         self.text_sent = [0] * req.num_choices
         self.replays = [0] * req.num_choices
+        self.order = [ChunkOrder() for _ in range(req.num_choices)]  # per choice: its current request id's seqs
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.closed = False
+        # A stream's way to end its response at once (set by _EventStream); None for a JSON response, whose
+        # consumer never waits on the client.
+        self.on_cut: Callable[[], None] | None = None
+        self.cut_reason: str | None = None
         gw.flows.add(self)
 
     async def start(self) -> None:
@@ -195,6 +204,7 @@ class Flow:
         self.gw.by_request.pop(old, None)  # whatever the old worker still sends is dropped
         self.gw.by_request[new] = (self, index)
         self.worker[index] = ""
+        self.order[index].reset()  # the new request id is numbered from 1
         self.gw.metrics.replayed.labels(reason).inc()
         self.span.add_event("replayed", {"reason": reason, "choice": index, "tokens": len(self.output[index])})
         log.warning("%s: replaying on another worker after %d tokens (%s)", old, len(self.output[index]), reason)
@@ -243,6 +253,13 @@ class Flow:
                     continue
                 self.finished[index] = True  # the worker has already dropped it: nothing to cancel
                 raise api.ApiError(500, f"generation failed: {chunk.error}", code="worker_error")
+            order = self._order(index, chunk)
+            if order is Order.DUPLICATE:
+                continue
+            if order is Order.GAP:  # chunks were lost on the way: resume from exactly what the client has
+                await self.replay(index, "gap")
+                last[index] = loop.time()
+                continue
             now = loop.time()
             if chunk.worker_id and chunk.worker_id != self.worker[index]:
                 self._serving(index, chunk.worker_id)  # e.g. the decode worker, after a handoff
@@ -264,6 +281,37 @@ class Flow:
                 self.prompt_tokens += chunk.prompt_tokens
                 self.completion_tokens += chunk.completion_tokens
             yield index, chunk
+
+    def push(self, index: int, item: P.TokenChunk | _Signal | P.ProtocolError) -> None:
+        """Queue an item for choice `index`; a stream whose client has left this much unread is cut off."""
+        if self.on_cut is not None and self.queue.qsize() >= self.gw.config.max_pending_events:
+            self.cut("pending")
+            return
+        self.queue.put_nowait((index, item))
+
+    def cut(self, reason: str) -> None:
+        """Cut off a stream client that stopped reading: end its response and close (cancel, free the slot).
+
+        Without this, its output piles up here and its admission slot stays taken for as long as it likes.
+        """
+        if self.cut_reason is not None:
+            return
+        self.cut_reason = reason
+        self.gw.metrics.streams_cut.labels(reason).inc()
+        self.span.add_event("cut", {"reason": reason, "pending": self.queue.qsize()})
+        log.warning("%s: cutting off a client that stopped reading (%s)", self.id, reason)
+        self.close()
+        if self.on_cut is not None:
+            self.on_cut()
+
+    def _order(self, index: int, chunk: P.TokenChunk) -> Order:
+        """Where `chunk` stands in its choice's stream; a final chunk whose token count disagrees with what was
+        relayed (across replays) is a gap too: a lost chunk that its seq could not show (an unnumbered worker)."""
+        order = self.order[index].check(chunk.seq)
+        if (order is Order.NEXT and chunk.finish_reason is not None
+                and count_mismatch(chunk.completion_tokens, len(self.output[index]) + len(chunk.token_ids))):
+            return Order.GAP
+        return order
 
     def close(self) -> None:
         """Free the slot and the inboxes; cancel every unfinished choice on the bus (in the background)."""
@@ -293,19 +341,49 @@ class Flow:
             log.warning("cancelling %s: %s", self.id, e)
 
 
-class _EventStream(EventSourceResponse):
-    """An SSE response that always runs `on_close` when it ends, even if the body never started."""
+class _SendTimeout(Exception):
+    """One send to the client did not complete within the stream's send timeout."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+
+class _EventStream(EventSourceResponse):
+    """An SSE response that always runs `on_close` when it ends, even if the body never started.
+
+    Each send to the client has `send_timeout` seconds (uvicorn's send waits while the socket's buffers are
+    full); past it the stream ends and `on_stall` runs. `cut()` ends it at once, from anywhere on the loop.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], send_timeout: float = 30.0,
+                 on_stall: Callable[[], None] | None = None) -> None:
         # The grace period lets a stream told to stop (Gateway.shutdown) end with an error event and [DONE].
         # No keep-alive pings (ping=0), as OpenAI and vLLM send none: vLLM's benchmark client fails a stream
         # whose first event is an SSE comment, which a request queued for more than 15 s got.
         super().__init__(content, sep="\n", shutdown_grace_period=2.0, ping=0)
         self.on_close = on_close
+        self.on_stall = on_stall
+        self.stream_send_timeout = send_timeout  # not sse-starlette's send_timeout: that one skips the last send
+        self._scope: anyio.CancelScope | None = None  # while the response runs
+        self._cut = False
+
+    def cut(self) -> None:
+        self._cut = True  # before the response starts: it ends as soon as it does
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_within(message: Message) -> None:
+            with anyio.move_on_after(self.stream_send_timeout) as timer:
+                await send(message)
+            if timer.cancelled_caught:
+                raise _SendTimeout
+
         try:
-            await super().__call__(scope, receive, send)
+            with anyio.CancelScope() as self._scope:
+                if self._cut:
+                    self._scope.cancel()
+                await super().__call__(scope, receive, send_within)
+        except _SendTimeout:
+            if self.on_stall is not None:
+                self.on_stall()
         finally:
             self.on_close()
 
@@ -402,14 +480,14 @@ class Gateway:
             if route is None:
                 log.warning("dropping a bad token message on %s: %s", msg.subject, e)
             else:
-                route[0].queue.put_nowait((route[1], e))
+                route[0].push(route[1], e)
             return
         by_request = self.by_request
         tokens = 0
         for chunk in chunks:
             route = by_request.get(chunk.request_id)
             if route is not None:
-                route[0].queue.put_nowait((route[1], chunk))
+                route[0].push(route[1], chunk)
                 tokens += len(chunk.token_ids)
         if tokens:
             self.metrics.generation_tokens.inc(tokens)  # once per message, not per chunk
@@ -514,7 +592,10 @@ class Gateway:
             await flow.start()
             if req.stream:
                 handed_off = True
-                return _EventStream(self._stream(flow), flow.close)
+                stream = _EventStream(self._stream(flow), flow.close, self.config.send_timeout,
+                                      on_stall=lambda: flow.cut("send_timeout"))
+                flow.on_cut = stream.cut
+                return stream
             return await self._complete(request, flow)
         except api.ApiError as e:
             return self.error(e, span)

@@ -159,10 +159,13 @@ class Worker:
             if req is None:
                 continue
             handoff = out.finish_reason == "handoff"
+            # Numbered on the request itself, which a handoff or its fallback carries on: the next worker
+            # continues from this seq.
+            req.seq += 1
             chunk = P.TokenChunk(
                 out.request_id, out.new_token_ids, out.new_text,
                 None if handoff else out.finish_reason, out.stop_reason, out.num_prompt_tokens,
-                out.num_output_tokens, out.num_cached_tokens, _logprobs(out), self.id)
+                out.num_output_tokens, out.num_cached_tokens, _logprobs(out), self.id, seq=req.seq)
             if req.batch_to:
                 batches.setdefault(req.batch_to, []).append(chunk)
             else:
