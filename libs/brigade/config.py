@@ -79,6 +79,7 @@ class GatewayConfig:
     route_timeout: float = 5.0
     worker_timeout: float = 3.0  # a worker silent this long is dead: its requests are replayed elsewhere
     max_replays: int = 2  # per choice; then the client gets the error
+    replay_timeout: float = 30.0  # how long a replay waits for some worker to take it (one restarting, say)
     send_timeout: float = 30.0  # a stream send the client does not take this long cuts the client off
     max_pending_events: int = 4096  # token chunks a stream may hold for a client not reading; then it is cut
 
@@ -187,6 +188,7 @@ HELP = {
     "route_timeout": "longest the router may take to place a request, seconds",
     "worker_timeout": "a worker silent this long is lost: its requests are replayed elsewhere, seconds",
     "max_replays": "replays per choice before the client gets the error",
+    "replay_timeout": "how long a replayed choice waits for a worker to take it, seconds",
     "send_timeout": "a stream client that takes no data for this long is cut off, seconds",
     "max_pending_events": "token chunks held for a stream client that is not reading before it is cut off",
     "policy": "routing: prefix | round_robin | least_loaded",

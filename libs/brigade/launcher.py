@@ -50,6 +50,10 @@ class UpConfig:
     chat_template: str = ""  # the gateway's chat template (a file or the template itself); empty: the model's
 
 
+MAX_RESTARTS = 5  # restarts of one child within RESTART_WINDOW_S before `brigade up` gives up
+RESTART_WINDOW_S = 60.0
+RESTART_BACKOFF_S = 0.5  # delay before the second restart within the window; doubling after that
+RESTART_MAX_DELAY_S = 10.0
 TAIL_LINES = 40  # of each child's stderr, kept for the error report when it dies during start-up
 
 
@@ -350,7 +354,8 @@ class Up:
 
 
 def run(cfg: UpConfig) -> int:
-    """Foreground `brigade up`: start, print the URL, wait for Ctrl-C, SIGTERM or a child's death.
+    """Foreground `brigade up`: start, print the URL, serve until Ctrl-C or SIGTERM, restarting a child that
+    dies (the gateway replays the requests a dead worker held).
 
     The children run in sessions of their own, so a terminal's Ctrl-C (SIGINT to the foreground process
     group) reaches only this process, which stops the services and then the bus."""
@@ -375,13 +380,44 @@ def run(cfg: UpConfig) -> int:
         return 1
     started = True
     print(f"Brigade is up: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)", flush=True)
+    keeper = Restarts()
     code = 0
     while not stop:
-        dead = up.failed()
-        if dead:
-            print(f"brigade up: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
-            code = 1
-            break
+        now = time.monotonic()
+        for name in up.failed():
+            delay = keeper.due(name, now)
+            if delay is None:
+                print(f"brigade up: {name} exited {MAX_RESTARTS} times within {RESTART_WINDOW_S:.0f} s; stopping",
+                      file=sys.stderr, flush=True)
+                stop, code = True, 1
+                break
+            if delay <= 0:
+                print(f"brigade up: {name} exited; restarting it", file=sys.stderr, flush=True)
+                up.restart(name)  # its requests are replayed by the gateway meanwhile
+                keeper.restarted(name, now)
         time.sleep(0.2)
     up.stop()
     return code
+
+
+class Restarts:
+    """When to restart a child that died: at once the first time, then with a doubling delay; never more than
+    MAX_RESTARTS times within RESTART_WINDOW_S (a child that keeps dying stops the stack with its error)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+        self.seen_dead: dict[str, float] = {}
+
+    def due(self, name: str, now: float) -> float | None:
+        """Seconds until `name` should be restarted (<= 0: now); None: it died too often, give up."""
+        recent = [t for t in self.times.get(name, []) if now - t < RESTART_WINDOW_S]
+        self.times[name] = recent
+        if len(recent) >= MAX_RESTARTS:
+            return None
+        died = self.seen_dead.setdefault(name, now)
+        backoff = 0.0 if not recent else min(RESTART_BACKOFF_S * 2 ** (len(recent) - 1), RESTART_MAX_DELAY_S)
+        return died + backoff - now
+
+    def restarted(self, name: str, now: float) -> None:
+        self.times.setdefault(name, []).append(now)
+        self.seen_dead.pop(name, None)

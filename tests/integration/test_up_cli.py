@@ -7,6 +7,7 @@ started outlives it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,6 +106,67 @@ def test_ctrl_c_stops_everything_and_the_flags_reach_the_services(tiny_models: d
         assert proc.wait(timeout=30) == 0
         assert time.monotonic() - t0 < 20
         assert not _wait_gone(children, 5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _named(pids: set[int], word: str) -> set[int]:
+    """The pids among `pids` whose command line has `word` as one argument."""
+    out = set()
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if word.encode() in args:
+            out.add(pid)
+    return out
+
+
+def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[str, Path]) -> None:
+    """SIGKILL the only worker mid-stream: `brigade up` keeps serving, starts the worker again, and the streams
+    that worker held finish on the new one (the gateway replays them) with every request a 200."""
+    import asyncio
+
+    proc, port = _up(str(tiny_models["llama"]))
+    try:
+        _wait_up(proc)
+        [worker] = _named(_children(proc.pid), "decode")
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "llama", "prompt": "tell me a long story", "max_tokens": 480, "temperature": 0,
+                "ignore_eos": True}
+
+        async def streams() -> list[str]:
+            started = [asyncio.Event() for _ in range(4)]
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                async def one(i: int) -> str:
+                    text = ""
+                    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                event = json.loads(line[6:])
+                                assert "error" not in event, event
+                                text += event["choices"][0]["text"]
+                                started[i].set()
+                    return text
+                tasks = [asyncio.create_task(one(i)) for i in range(4)]
+                for e in started:  # every stream is under way on the worker: then it dies
+                    await e.wait()
+                os.kill(worker, signal.SIGKILL)
+                return list(await asyncio.gather(*tasks))
+
+        want = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert asyncio.run(streams()) == [want] * 4  # replayed on the restarted worker, text exact
+        deadline = time.monotonic() + 20
+        while not (again := _named(_children(proc.pid), "decode")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert again and again != {worker} and proc.poll() is None
+        r = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "decode-0 exited; restarting it" in (proc.stderr.read() if proc.stderr else "")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

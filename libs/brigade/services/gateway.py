@@ -210,7 +210,19 @@ class Flow:
         log.warning("%s: replaying on another worker after %d tokens (%s)", old, len(self.output[index]), reason)
         with contextlib.suppress(Exception):  # the old worker may still be alive (only slow): stop it
             await self.gw.bus.publish(P.CANCEL, P.Cancel(old))
-        await self._route(index, self.inboxes[index])
+        # No worker right now (the only one died and is being restarted): keep trying for a bounded time.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gw.config.replay_timeout
+        delay = 0.25
+        while True:
+            try:
+                await self._route(index, self.inboxes[index])
+                return
+            except api.ApiError as e:
+                if e.status != 503 or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def events(self) -> AsyncIterator[tuple[int, P.TokenChunk]]:
         """(choice index, chunk) until every choice has finished; ApiError on a worker error or a timeout."""
