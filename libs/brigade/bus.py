@@ -236,6 +236,15 @@ class Bus:
             await write_pending(force_flush=True)
         await self.nc.flush(timeout=timeout)
 
+    async def alive(self, timeout: float = 1.0) -> bool:
+        """True when a round trip to the NATS server completes within `timeout`: a silence of every other
+        client then means they are silent, not that the bus stalled."""
+        try:
+            await self.flush(timeout=timeout)
+        except Exception:  # a timeout, or a connection being re-established
+            return False
+        return True
+
     async def close(self) -> None:
         if not self.nc.is_closed:
             try:

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 from jinja2 import TemplateError
 
-from brigade.engine.sampling import InvalidParams, SamplingParams
+from brigade.engine.sampling import InvalidParams, SamplingParams, is_utf8
 from brigade.model.tokenizer import content_format
 from brigade.protocol import TokenChunk
 
@@ -250,14 +250,6 @@ def _unknown(data: Mapping[str, Any], known: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(k for k in data if k not in known))
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -352,7 +344,7 @@ def _completion_prompts(raw: Any, tokenizer: TokenizerLike, echo: bool) -> tuple
     prompts = []
     for item in items:
         if isinstance(item, str):
-            if not _utf8(item):
+            if not is_utf8(item):
                 raise ApiError(400, "prompt must be valid Unicode (a lone surrogate is not)", param="prompt")
             prompt = Prompt(tuple(tokenizer.encode(item)), item)
         elif isinstance(item, list) and all(_is_int(t) for t in item):

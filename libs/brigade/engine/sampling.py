@@ -34,7 +34,7 @@ class InvalidParams(ValueError):
         self.param = param
 
 
-def _utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     """False for a str JSON can carry but UTF-8 cannot (a lone surrogate from a \\ud800 escape)."""
     try:
         text.encode()
@@ -171,7 +171,7 @@ class SamplingParams:
                 raise InvalidParams("stop", f"stop strings must be non-empty strings, got {s!r}")
             if len(s) > MAX_STOP_CHARS:
                 raise InvalidParams("stop", f"stop strings may be at most {MAX_STOP_CHARS} characters")
-            if not _utf8(s):
+            if not is_utf8(s):
                 raise InvalidParams("stop", "stop strings must be valid Unicode (a lone surrogate is not)")
         if not isinstance(self.stop_token_ids, tuple):
             raise InvalidParams(

@@ -522,7 +522,7 @@ class Gateway:
             gone = {w for w, t in self.seen.items() if now - t > self.config.worker_timeout} | self.stopping
             if not gone:
                 continue
-            if gone - self.stopping and not await self._bus_alive():
+            if gone - self.stopping and not await self.bus.alive(1.0):
                 continue  # the bus stalled, not the workers: replaying now would cancel healthy generations
             now = loop.time()
             gone = {w for w, t in self.seen.items() if now - t > self.config.worker_timeout} | self.stopping
@@ -534,14 +534,6 @@ class Gateway:
             for w in gone - self.stopping:
                 del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
                 self.serving.discard(w)
-
-    async def _bus_alive(self) -> bool:
-        """True when a round trip to the NATS server completes within a second."""
-        try:
-            await self.bus.flush(timeout=1.0)
-        except Exception:  # a timeout, or a reconnect in progress
-            return False
-        return True
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

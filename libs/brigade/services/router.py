@@ -131,21 +131,13 @@ class Router:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_timeout / 3)
-            if not await self._bus_alive():
+            if not await self.bus.alive(BUS_PROBE_S):
                 continue  # the bus stalled: silence says nothing about the workers
             for w in self.fleet.purge(time.monotonic()):
                 self.index.purge(w)
                 log.warning("worker %s missed its heartbeats; no longer routed to", w)
             for role in ("prefill", "decode", "colocated"):
                 self.metrics.workers.labels(role).set(len(self.fleet.live((role,), time.monotonic())))
-
-    async def _bus_alive(self) -> bool:
-        """True when a round trip to the NATS server completes promptly."""
-        try:
-            await self.bus.flush(timeout=BUS_PROBE_S)
-        except Exception:  # a timeout, or a connection being re-established
-            return False
-        return True
 
     # ---- requests -----------------------------------------------------------------------------
     def _hashes(self, prompt_ids: list[int]) -> list[int]:
