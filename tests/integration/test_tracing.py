@@ -61,7 +61,9 @@ def test_one_trace_spans_gateway_router_prefill_decode(up: Up, receiver: OtlpRec
         request_id, usage = doc["id"], doc["usage"]
 
     services = {"brigade-gateway", "brigade-router", "brigade-prefill", "brigade-decode"}
-    trace = receiver.trace_of(request_id, services)
+    trace = receiver.trace_of(request_id, services, spans={
+        ("brigade-gateway", "POST /v1/chat/completions"), ("brigade-router", "route"), ("brigade-prefill", "prefill"),
+        ("brigade-prefill", "kv_transfer"), ("brigade-decode", "decode")})
     assert {s.service for s in trace} == services
 
     gateway = _one(trace, "brigade-gateway", "POST /v1/chat/completions")
@@ -125,7 +127,8 @@ def test_expert_shard_spans_join_the_request_trace(tiny_models: dict[str, Path],
                            json={"model": "mixtral", "prompt": "experts, trace yourselves", "max_tokens": 3,
                                  "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
-            trace = receiver.trace_of(r.json()["id"], {"brigade-gateway", "brigade-decode", "brigade-experts"})
+            trace = receiver.trace_of(r.json()["id"], {"brigade-gateway", "brigade-decode", "brigade-experts"},
+                                      spans={("brigade-decode", "generate")})
     finally:
         mp.undo()
     generate = _one(trace, "brigade-decode", "generate")

@@ -9,6 +9,7 @@ import argparse
 import threading
 import time
 from collections import Counter
+from collections.abc import Set
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -91,15 +92,18 @@ class OtlpReceiver:
             if self.keep:
                 self.spans.extend(spans)
 
-    def trace_of(self, request_id: str, services: set[str], timeout: float = 20.0) -> list[ReceivedSpan]:
+    def trace_of(self, request_id: str, services: set[str], timeout: float = 20.0,
+                 spans: Set[tuple[str, str]] = frozenset()) -> list[ReceivedSpan]:
         """Every span of the trace that holds a span with gen_ai.request.id `request_id`, once spans from all
-        `services` are in (or at the timeout)."""
+        `services` and every (service, name) in `spans` are in (or at the timeout). A parent span ends, and is
+        exported, after its children: waiting for services alone can return before a parent arrives."""
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
                 roots = [s for s in self.spans if s.attributes.get("gen_ai.request.id") == request_id]
                 trace = [s for s in self.spans if roots and s.trace_id == roots[0].trace_id]
-            if {s.service for s in trace} >= services or time.monotonic() > deadline:
+            have = {(s.service, s.name) for s in trace}
+            if ({s.service for s in trace} >= services and have >= spans) or time.monotonic() > deadline:
                 return trace
             time.sleep(0.1)
 
