@@ -11,8 +11,9 @@ Choices made where OpenAI and vLLM differ (clients and operators rely on them):
 - An explicit max_tokens that does not fit beside the prompt is a 400 "context_length_exceeded".
 - temperature has no upper bound (vLLM); other ranges come from SamplingParams.validate.
 - Unknown fields are ignored (vLLM's default) and named in `ApiRequest.ignored` for the gateway's log; fields
-  that would change the answer but are not implemented here (suffix, logit_bias, tools, non-text
-  response_format, echo with logprobs) are a 400.
+  that would change the answer but are not implemented here (suffix, echo with logprobs) are a 400.
+- Output constraints (`response_format`, `structured_outputs`, `guided_*`) are checked here (constraints.py) and
+  travel in SamplingParams.structured; a worker compiles them for its tokenizer.
 - Chat content given as a list of text parts is joined with newlines for templates that render content as a
   string, and passed as the list to templates that iterate over parts (`Tokenizer.content_format`), as vLLM.
 - Logprob token strings are the decoded text of each token id, not the raw BPE piece.
@@ -30,6 +31,8 @@ from typing import Any, Literal, Protocol
 
 from jinja2 import TemplateError
 
+from brigade import constraints
+from brigade.api_errors import ApiError
 from brigade.engine.sampling import InvalidParams, SamplingParams, is_utf8
 from brigade.model.tokenizer import content_format
 from brigade.protocol import TokenChunk
@@ -46,26 +49,14 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 _SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output", "logit_bias",
 )
-
-# OpenAI's error `type` per HTTP status.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
 
 _COMMON_FIELDS = frozenset({
     "model", "n", "stream", "stream_options", "max_tokens", "logprobs", "user", "logit_bias", "best_of",
     *_SAMPLING_FIELDS})
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
-CHAT_FIELDS = _COMMON_FIELDS | {
+COMPLETION_FIELDS = _COMMON_FIELDS | constraints.FIELDS | {"prompt", "echo", "suffix"}
+CHAT_FIELDS = _COMMON_FIELDS | constraints.FIELDS | {"function_call",
     "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "functions", "tool_choice",
     "parallel_tool_calls", "add_generation_prompt", "continue_final_message", "chat_template",
     "chat_template_kwargs", "metadata", "store", "service_tier"}
@@ -73,22 +64,6 @@ CHAT_FIELDS = _COMMON_FIELDS | {
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]
 """Token id -> its text, for logprob bodies."""
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: HTTP status plus the `{"error": {...}}` body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class TokenizerLike(Protocol):
@@ -162,7 +137,7 @@ def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: Tokenizer
     model = _model(data, served_model)
     n, stream, include_usage = _fanout(data)
     echo = _bool(data, "echo", False)
-    _reject_unsupported(data, ("suffix", "logit_bias"))
+    _reject_unsupported(data, ("suffix",))
     best_of = data.get("best_of")
     if best_of is not None and best_of not in (1, n):
         raise ApiError(400, "best_of other than n is not supported", param="best_of")
@@ -177,7 +152,7 @@ def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: Tokenizer
         max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, _room(longest, max_model_len, "prompt"))
     else:
         max_tokens = _fit(longest, explicit, max_model_len, "prompt", "max_tokens")
-    params = _params(data, max_tokens, logprobs, {"max_tokens": "max_tokens"})
+    params = _params(data, max_tokens, logprobs, {"max_tokens": "max_tokens"}, constraints.parse_constraint(data))
     return ApiRequest("completion", model, prompts, params, n, stream, include_usage, echo,
                       _unknown(data, COMPLETION_FIELDS))
 
@@ -188,10 +163,8 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
     data = body if isinstance(body, Mapping) else parse_json(body)
     model = _model(data, served_model)
     n, stream, include_usage = _fanout(data)
-    _reject_unsupported(data, ("logit_bias", "tools", "functions"))
-    fmt = data.get("response_format")
-    if fmt is not None and (not isinstance(fmt, Mapping) or fmt.get("type") != "text"):
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+    _reject_unsupported(data, ("tools", "functions"))
+    constraint = constraints.parse_constraint(data)
     # max_completion_tokens replaces the deprecated max_tokens; it wins when both are given.
     field_name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
     explicit = _max_tokens(data, field_name)
@@ -228,7 +201,7 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
         max_tokens = _room(len(ids), max_model_len, "messages")
     else:
         max_tokens = _fit(len(ids), explicit, max_model_len, "messages", field_name)
-    params = _params(data, max_tokens, logprobs, {"max_tokens": field_name, "logprobs": "top_logprobs"})
+    params = _params(data, max_tokens, logprobs, {"max_tokens": field_name, "logprobs": "top_logprobs"}, constraint)
     return ApiRequest("chat", model, (Prompt(tuple(ids)),), params, n, stream, include_usage,
                       ignored=_unknown(data, CHAT_FIELDS))
 
@@ -316,9 +289,13 @@ def _fit(prompt_len: int, max_tokens: int, max_model_len: int, where: str, param
     return max_tokens
 
 
-def _params(data: Mapping[str, Any], max_tokens: int, logprobs: Any, rename: Mapping[str, str]) -> SamplingParams:
+def _params(data: Mapping[str, Any], max_tokens: int, logprobs: Any, rename: Mapping[str, str],
+            constraint: constraints.Constraint | None = None) -> SamplingParams:
     """SamplingParams from the body; InvalidParams becomes a 400 naming the field as the client spelled it."""
     kwargs = {name: data[name] for name in _SAMPLING_FIELDS if data.get(name) is not None}
+    if constraint is not None:
+        kwargs["structured"] = (constraint.kind, constraint.spec)
+        rename = {**rename, "structured": constraint.param}
     try:
         return SamplingParams.from_dict({**kwargs, "max_tokens": max_tokens, "logprobs": logprobs})
     except InvalidParams as e:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from brigade.engine.grammar import GrammarError, Grammars
 from brigade.engine.kv_size import kv_size
 from brigade.engine.runner import Runner
 from brigade.engine.sampler import Sampled, Sampler, SampleRow
@@ -138,7 +139,8 @@ class Engine:
                              window=self.window)
         eos = cfg.eos_token_ids or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
         self.eos_token_ids = frozenset(eos)
-        self.sampler = Sampler(sorted(self.eos_token_ids), seed=config.seed)
+        self.grammars = Grammars(self.tokenizer.hf, cfg.vocab_size, sorted(self.eos_token_ids))
+        self.sampler = Sampler(sorted(self.eos_token_ids), seed=config.seed, grammars=self.grammars)
         self.seqs: dict[str, Seq] = {}
         self.texts: dict[str, _Text] = {}
         self.held: dict[str, Seq] = {}  # prefilled, finished "handoff", blocks kept until release()
@@ -175,7 +177,13 @@ class Engine:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self.validate(ids, params, output_ids)
-        return Seq(request_id, ids + [int(t) for t in output_ids], len(ids), params)
+        seq = Seq(request_id, ids + [int(t) for t in output_ids], len(ids), params)
+        if params.structured is not None:
+            try:  # from the cache when the service prepared it off its event loop
+                seq.matcher = self.grammars.matcher(*params.structured, output_ids)
+            except GrammarError as e:
+                raise InvalidRequest(f"invalid constraint: {e}", "structured") from e
+        return seq
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, output_ids: Sequence[int] = ()) -> None:
         """Raise InvalidRequest unless this request can be served. Reads only fixed settings, so a
@@ -267,6 +275,8 @@ class Engine:
             raise InvalidRequest("prompt is empty", "prompt")
         if any(t < 0 or t >= vocab for t in ids):
             raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {vocab})", "prompt")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidRequest(f"logit_bias has token ids outside the vocabulary [0, {vocab})", "logit_bias")
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
@@ -334,6 +344,10 @@ class Engine:
             if hit is not None:
                 state.text = state.text[:hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)]
                 reason, stop_reason = "stop", hit[1]
+        if seq.matcher is not None and reason is None:
+            seq.matcher.consume_token(token)
+            if seq.matcher.is_stopped():  # the output is complete (EOS taken), even under ignore_eos
+                reason = "stop"
         if reason is None:
             if token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
@@ -410,8 +424,8 @@ def _row(seq: Seq) -> SampleRow:
     read them (a copy of every context every step was measurable at large batches)."""
     p = seq.params
     if p.has_penalties or p.min_tokens:
-        return SampleRow(p, seq.token_ids[:seq.num_prompt], seq.output_ids, _generator(seq))
-    return SampleRow(p, (), (), _generator(seq))
+        return SampleRow(p, seq.token_ids[:seq.num_prompt], seq.output_ids, _generator(seq), seq.matcher)
+    return SampleRow(p, (), (), _generator(seq), seq.matcher)
 
 
 def _generator(seq: Seq) -> torch.Generator | None:

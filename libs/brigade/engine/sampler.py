@@ -2,10 +2,12 @@
 
 Per step, for logits [B, V] with one SampleRow per sequence:
   1. penalties: repetition (HF style, over prompt + output), then presence/frequency (OpenAI style,
-     over output only);
+     over output only); then logit_bias;
   2. min_tokens: while a row has fewer outputs than min_tokens, its EOS and stop ids are masked;
-  3. greedy rows (temperature 0): argmax;
-  4. other rows: temperature, top-k, top-p, min-p, then an exponential race
+  3. constraints: a row with a grammar matcher keeps only the tokens its grammar allows (one batched mask
+     fill for all such rows); where min_tokens left it nothing, the grammar wins;
+  4. greedy rows (temperature 0): argmax;
+  5. other rows: temperature, top-k, top-p, min-p, then an exponential race
      argmax(probs / Exp(1)) -- equivalent to sampling from probs, but the randomness is a plain
      [V] noise vector, so a seeded row can draw it from its own generator and get the same tokens
      whatever else shares the batch.
@@ -21,9 +23,11 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from brigade.engine.grammar import Grammars, apply_masks
 from brigade.engine.sampling import SamplingParams
 
 # Dividing float32 logits by a tiny positive temperature overflows to inf (softmax then gives NaN);
@@ -43,6 +47,7 @@ class SampleRow:
     output_ids: Sequence[int]
     # Set by the engine only for seeded requests, kept across steps; None uses the sampler's own.
     generator: torch.Generator | None = None
+    matcher: Any = None  # the request's llguidance matcher when its output is constrained
 
 
 @dataclass
@@ -119,6 +124,23 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Te
         return x
 
     return _on_rows(logits, idx, penalize)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SampleRow], *, inplace: bool = False) -> torch.Tensor:
+    """Add each row's logit_bias to its logits (ids outside the vocabulary are ignored)."""
+    flat: list[int] = []
+    bias: list[float] = []
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        for token, value in row.params.logit_bias:
+            if token < vocab:
+                flat.append(i * vocab + token)
+                bias.append(value)
+    if not flat:
+        return logits
+    out = logits if inplace else logits.clone()
+    out.view(-1).index_add_(0, _index(flat, out.device), torch.tensor(bias, dtype=out.dtype).to(out.device))
+    return out
 
 
 def apply_min_tokens(
@@ -201,10 +223,12 @@ def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
 class Sampler:
     """Picks one token per row from a [B, V] logits batch; see the module docstring for the order."""
 
-    def __init__(self, eos_token_ids: Sequence[int], seed: int | None = None) -> None:
-        """eos_token_ids are masked under min_tokens; seed fixes the generator of unseeded rows."""
+    def __init__(self, eos_token_ids: Sequence[int], seed: int | None = None, grammars: Grammars | None = None) -> None:
+        """eos_token_ids are masked under min_tokens; seed fixes the generator of unseeded rows; `grammars` fills
+        the masks of constrained rows."""
         self.eos_token_ids = tuple(eos_token_ids)
         self.seed = seed
+        self.grammars = grammars
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _default_generator(self, device: torch.device) -> torch.Generator:
@@ -257,8 +281,13 @@ class Sampler:
         batch = len(rows)
         x = logits.float()
         x = apply_penalties(x, rows)
-        # Safe to mask in place once x is a tensor we made, never the caller's logits.
-        x = apply_min_tokens(x, rows, self.eos_token_ids, inplace=x is not logits)
+        # Safe to change in place once x is a tensor we made, never the caller's logits.
+        x = apply_logit_bias(x, rows, inplace=x is not logits)
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        unmasked = x
+        x = apply_min_tokens(x, rows, self.eos_token_ids, inplace=x is not logits and not constrained)
+        if constrained:
+            x = self._constrain(x if x is not logits else x.clone(), unmasked, rows, constrained)
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         random = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -276,6 +305,21 @@ class Sampler:
         out = [Sampled(token_id=t) for t in token_ids]
         self._fill_logprobs(logits, tokens, rows, out)
         return out
+
+    def _constrain(self, x: torch.Tensor, unmasked: torch.Tensor, rows: Sequence[SampleRow],
+                   idx: list[int]) -> torch.Tensor:
+        """Mask rows `idx` to what their grammars allow; `unmasked` is x before min_tokens, for the rows where
+        min_tokens masked every token the grammar allows (EOS once the output is complete)."""
+        if self.grammars is None:
+            raise RuntimeError("constrained rows need a sampler with grammars")
+        allowed = self.grammars.fill([rows[i].matcher for i in idx])
+        x = apply_masks(x, idx, allowed)
+        dead = torch.isneginf(x.index_select(0, _index(idx, x.device))).all(dim=1).nonzero().flatten().tolist()
+        if dead:
+            rescue = [idx[j] for j in dead]
+            x[_index(rescue, x.device)] = apply_masks(unmasked.index_select(0, _index(rescue, x.device)).clone(),
+                                                      list(range(len(rescue))), allowed[dead])
+        return x
 
     @staticmethod
     def _fill_logprobs(

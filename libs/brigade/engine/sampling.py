@@ -19,6 +19,15 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_STOP_CHARS = 1024
 """Longest stop string: the engine re-checks each one against the text tail every step."""
 
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+"""What `SamplingParams.structured` may constrain the output to (see brigade.engine.grammar)."""
+
+MAX_SPEC_CHARS = 65_536
+"""Longest constraint spec (a schema, regex or grammar): it rides in every bus message of the request."""
+
+MAX_LOGIT_BIAS = 1024
+"""Most logit_bias entries per request."""
+
 _INT31 = 2**31  # token ids and top_k fit in int32 everywhere (tensors, msgpack, the vocabulary)
 
 # torch.Generator.manual_seed accepts anything representable as int64 or uint64.
@@ -77,6 +86,8 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string at the end of the text
+    structured: tuple[str, str] | None = None  # (kind, spec): the output follows this constraint
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's -100..100
 
     def __post_init__(self) -> None:
         # Normalize the JSON-ish shapes clients send; anything else is left for validate() to reject.
@@ -86,6 +97,16 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.structured, list):  # it crossed the bus (msgpack makes tuples lists)
+            object.__setattr__(self, "structured", tuple(self.structured))
+        if isinstance(self.logit_bias, Mapping):  # OpenAI's {"token id": bias}
+            try:
+                object.__setattr__(self, "logit_bias", tuple(sorted((int(k), v) for k, v in self.logit_bias.items())))
+            except (TypeError, ValueError):
+                pass  # left a mapping: validate() names the field
+        elif isinstance(self.logit_bias, list):
+            object.__setattr__(self, "logit_bias", tuple(tuple(p) if isinstance(p, list) else p
+                                                         for p in self.logit_bias))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> SamplingParams:
@@ -160,6 +181,33 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParams(name, f"{name} must be a boolean, got {getattr(self, name)!r}")
+        self._validate_structured()
+        self._validate_logit_bias()
+
+    def _validate_structured(self) -> None:
+        if self.structured is None:
+            return
+        if not (isinstance(self.structured, tuple) and len(self.structured) == 2
+                and all(isinstance(x, str) for x in self.structured)):
+            raise InvalidParams("structured", f"structured must be a (kind, spec) pair, got {self.structured!r}")
+        kind, spec = self.structured
+        if kind not in CONSTRAINT_KINDS:
+            raise InvalidParams("structured", f"unknown constraint kind {kind!r}; one of {CONSTRAINT_KINDS}")
+        if len(spec) > MAX_SPEC_CHARS:
+            raise InvalidParams("structured", f"a constraint may be at most {MAX_SPEC_CHARS} characters")
+        if not is_utf8(spec):
+            raise InvalidParams("structured", "a constraint must be valid Unicode (a lone surrogate is not)")
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, tuple):
+            raise InvalidParams("logit_bias", "logit_bias must map token ids to numbers")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParams("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and 0 <= pair[0] < _INT31):
+                raise InvalidParams("logit_bias", f"logit_bias keys must be token ids >= 0, got {pair!r}")
+            if not _is_real(pair[1]) or not -100 <= pair[1] <= 100:
+                raise InvalidParams("logit_bias", f"logit_bias values must be in [-100, 100], got {pair[1]!r}")
 
     def _validate_stop(self) -> None:
         if not isinstance(self.stop, tuple):

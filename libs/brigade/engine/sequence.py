@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from brigade.engine.sampling import SamplingParams
 
@@ -34,6 +35,7 @@ class Sequence:
     scheduled_time: float | None = None  # first admission into the running batch (monotonic)
     first_token_time: float | None = None
     prefill_only: bool = False  # disaggregated prefill: stop after the first token, keep the blocks
+    matcher: Any = None  # llguidance matcher of a constrained request, advanced over every output token
 
     @property
     def num_tokens(self) -> int:

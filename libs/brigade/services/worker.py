@@ -141,6 +141,7 @@ class Worker:
 
     async def _add(self, req: P.GenerateRequest, params: SamplingParams, prefill_only: bool) -> None:
         try:
+            await self._compile(params)
             await self.aengine.call(self.engine.add_request, req.request_id, req.prompt_ids, params,
                                     req.output_ids, prefill_only, req.text_sent)
         except (InvalidRequest, ValueError) as e:
@@ -387,6 +388,7 @@ class Worker:
         self.active[rid] = req
         try:
             params = SamplingParams.from_dict(req.params)
+            await self._compile(params)
             await self.aengine.call(self.engine.add_prefilled, rid, req.prompt_ids, h.first_token, params, h.num_cached,
                                     h.text_sent)
         except (InvalidRequest, ValueError) as e:
@@ -396,6 +398,12 @@ class Worker:
             return
         self._trace(rid, "decode", tracing.context_of(msg))
         await self.bus.respond(msg, P.Ack(True))
+
+    async def _compile(self, params: SamplingParams) -> None:
+        """Compile a constrained request's grammar (or find it cached) in a thread: neither the event loop nor
+        the engine thread waits for a new schema."""
+        if params.structured is not None:
+            await asyncio.to_thread(self.engine.grammars.prepare, *params.structured)
 
     # ---- tracing -----------------------------------------------------------------------------
     def _trace(self, rid: str, name: str, parent: Any) -> None:
