@@ -8,7 +8,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from brigade.tool_parsers import PARSERS
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -57,6 +60,17 @@ def _bench_offline(args: argparse.Namespace) -> int:
     print(offline.summary(report))
     if args.out:
         offline.write(report, args.out)
+    return 0
+
+
+def _bench_structured(args: argparse.Namespace) -> int:
+    from brigade.bench import structured
+    from brigade.model.resolve import resolve_model
+
+    report = structured.bench(str(resolve_model(args.model)), args.requests, args.max_tokens, args.threads)
+    print(structured.summary(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -139,7 +153,7 @@ def _up_args(a: argparse.Namespace) -> Any:
                     served_model_name=tuple(a.served_model_name or ()), max_model_len=a.max_model_len,
                     kv_cache_bytes=parse_size(a.kv_cache_memory) if a.kv_cache_memory else 0,
                     max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                    api_key=a.api_key, chat_template=a.chat_template)
+                    api_key=a.api_key, chat_template=a.chat_template, tool_call_parser=a.tool_call_parser)
 
 
 def _bench_compare(args: argparse.Namespace) -> int:
@@ -317,6 +331,10 @@ def parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (env BRIGADE_API_KEY or VLLM_API_KEY)")
     u.add_argument("--chat-template", default="", help="a Jinja chat template or a file holding one (empty: the "
                                                        "model's)")
+    u.add_argument("--tool-call-parser", default="auto", choices=["auto", *PARSERS],
+                   help="format of tool calls in model output (auto: guessed from the chat template)")
+    u.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted as vllm serve takes it; tool_choice 'auto' is always served")
     u.add_argument("--host", default="127.0.0.1", help="interface the gateway listens on")
     u.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     u.add_argument("--mode", default="colocated", choices=["colocated", "disagg"],
@@ -358,7 +376,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write config, summary, per-tag summaries and per-request records as JSON")
     b.add_argument("--plot", help="write TTFT/ITL distribution plots as PNG (needs the bench extra)")
     b.set_defaults(fn=_bench_serve)
-    bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{offline,compare,plot,vllm-serve}")
+    bsub = b.add_subparsers(dest="bench_command", required=False,
+                            metavar="{offline,compare,plot,vllm-serve,structured}")
     o = bsub.add_parser("offline", help="in-process engine throughput vs Hugging Face static batching")
     o.add_argument("--model", default="demo", help="checkpoint to load")
     o.add_argument("--workload", default="mixed", choices=["mixed"], help="request mix")
@@ -375,6 +394,14 @@ def parser() -> argparse.ArgumentParser:
     _dtype_flag(o)
     o.add_argument("--out", help="write the report as JSON")
     o.set_defaults(fn=_bench_offline)
+    st = bsub.add_parser("structured", help="schema compile times; a schema-constrained batch against the same "
+                         "batch unconstrained, in process")
+    st.add_argument("--model", default="demo", help="checkpoint to load")
+    st.add_argument("--requests", type=int, default=32, help="requests in the batch")
+    st.add_argument("--max-tokens", type=int, default=160, help="max_tokens of each constrained request")
+    st.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    st.add_argument("--out", help="write the report as JSON")
+    st.set_defaults(fn=_bench_structured)
     c = bsub.add_parser("compare", help="several systems (brigade up flags, URLs, HF static) on one workload")
     c.add_argument("--config", required=True, help="YAML or JSON: workload settings and systems (docs/benchmarks.md)")
     c.add_argument("--out", required=True, help="write every system's results as JSON")

@@ -70,6 +70,7 @@ class GatewayConfig:
     max_model_len: int = 0  # context limit checked here (0: the checkpoint's); workers get the same
     api_key: str = ""  # clients must send `Authorization: Bearer <key>` on /v1/* (empty: no check)
     chat_template: str = ""  # a Jinja chat template, or a file holding one; empty: the checkpoint's
+    tool_call_parser: str = "auto"  # how tool calls are read from `auto` output: hermes, llama3_json, mistral
     host: str = "127.0.0.1"
     port: int = 8000
     max_inflight: int = 256  # concurrent requests before 429
@@ -179,6 +180,8 @@ HELP = {
     "max_model_len": "longest prompt + output in tokens (0: the checkpoint's)",
     "api_key": "require `Authorization: Bearer KEY` on /v1/*, several keys comma-separated (empty: no check)",
     "chat_template": "a Jinja chat template, or a file holding one (empty: the checkpoint's)",
+    "tool_call_parser": "format of tool calls in model output: hermes, llama3_json, mistral, or auto (guessed "
+                        "from the chat template)",
     "host": "interface to listen on",
     "port": "HTTP port",
     "max_inflight": "concurrent requests before 429",

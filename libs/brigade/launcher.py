@@ -48,6 +48,7 @@ class UpConfig:
     max_num_batched_tokens: int = 0  # 0: the workers' default
     api_key: str = ""  # the gateway asks clients for `Authorization: Bearer <key>`
     chat_template: str = ""  # the gateway's chat template (a file or the template itself); empty: the model's
+    tool_call_parser: str = "auto"  # the gateway's --tool-call-parser
 
 
 MAX_RESTARTS = 5  # restarts of one child within RESTART_WINDOW_S before `brigade up` gives up
@@ -161,6 +162,8 @@ def commands(cfg: UpConfig, nats_url: str, model: str) -> list[tuple[str, list[s
         gateway += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.chat_template:
         gateway += ["--chat-template", cfg.chat_template]
+    if cfg.tool_call_parser != "auto":
+        gateway += ["--tool-call-parser", cfg.tool_call_parser]
     # The key travels in the environment, not on a command line every local user can read.
     out.append(("gateway", gateway, {"BRIGADE_API_KEY": cfg.api_key} if cfg.api_key else {}))
     if cfg.otlp:

@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol
 
 from jinja2 import TemplateError
 
-from brigade import constraints
+from brigade import constraints, tool_calls
 from brigade.api_errors import ApiError
 from brigade.engine.sampling import InvalidParams, SamplingParams, is_utf8
 from brigade.model.tokenizer import content_format
@@ -72,7 +72,8 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
     def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template: str | None = None,
-             template_kwargs: Mapping[str, Any] | None = None) -> list[int]: ...
+             template_kwargs: Mapping[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[int]: ...
     @property
     def content_format(self) -> str: ...
 
@@ -96,6 +97,13 @@ class ApiRequest:
     include_usage: bool = False
     echo: bool = False
     ignored: tuple[str, ...] = ()  # fields of the body this server does not know (logged, as vLLM does)
+    tools: tool_calls.ToolRequest | None = None  # chat with tools: how the output is read (tool_calls.py)
+    tool_parser: str = "hermes"  # the format of tool calls in the output, for tool_choice "auto"
+
+    @property
+    def reads_tools(self) -> bool:
+        """True when the output may hold tool calls to parse."""
+        return self.tools is not None and self.tools.mode != "none"
 
     @property
     def num_choices(self) -> int:
@@ -158,13 +166,22 @@ def parse_completion(body: bytes | str | Mapping[str, Any], tokenizer: Tokenizer
 
 
 def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, served_model: str | Sequence[str],
-               max_model_len: int) -> ApiRequest:
-    """Validate a /v1/chat/completions body and render its messages with the chat template."""
+               max_model_len: int, tool_parser: str = "auto") -> ApiRequest:
+    """Validate a /v1/chat/completions body and render its messages (and tools) with the chat template.
+
+    `tool_parser`: the format tool calls take in this model's output; "auto" guesses it from the template."""
     data = body if isinstance(body, Mapping) else parse_json(body)
     model = _model(data, served_model)
     n, stream, include_usage = _fanout(data)
-    _reject_unsupported(data, ("tools", "functions"))
     constraint = constraints.parse_constraint(data)
+    tools = tool_calls.parse_tools(data)
+    schema = tool_calls.constraint(tools) if tools is not None else None
+    if schema is not None:
+        if constraint is not None:
+            raise ApiError(400, f"this tool_choice constrains the output; it cannot be combined with "
+                           f"{constraint.param}", param="tool_choice")
+        constraint = constraints.Constraint("json", json.dumps(schema, ensure_ascii=False), "tools")
+        constraints.verify(constraint)
     # max_completion_tokens replaces the deprecated max_tokens; it wins when both are given.
     field_name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
     explicit = _max_tokens(data, field_name)
@@ -183,6 +200,10 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
         raise ApiError(400, f"chat_template must be a string, got {template!r}", param="chat_template")
     parts = content_format(template) if template is not None else tokenizer.content_format
     messages = _messages(data.get("messages"), parts == "string")
+    source = template if template is not None else (getattr(tokenizer, "chat_template", None) or "")
+    messages, template_tools = _with_tools(messages, tools, source)
+    if tool_parser == "auto":
+        tool_parser = tool_calls.detect_parser(source)
     if continue_final and messages[-1]["role"] != "assistant":
         raise ApiError(400, "continue_final_message needs an assistant message last", param="continue_final_message")
     kwargs = data.get("chat_template_kwargs")
@@ -190,7 +211,7 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
         raise ApiError(400, f"chat_template_kwargs must be an object, got {kwargs!r}", param="chat_template_kwargs")
     try:
         ids = tokenizer.chat(messages, add_generation_prompt and not continue_final, continue_final, template,
-                             kwargs)
+                             kwargs, template_tools)
     except (ValueError, TypeError, TemplateError) as e:  # ModelError (no template) is a ValueError; a
         # chat_template_kwargs name that collides with apply_chat_template's own arguments is a TypeError
         raise ApiError(400, f"cannot apply the chat template: {e}",
@@ -203,7 +224,27 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
         max_tokens = _fit(len(ids), explicit, max_model_len, "messages", field_name)
     params = _params(data, max_tokens, logprobs, {"max_tokens": field_name, "logprobs": "top_logprobs"}, constraint)
     return ApiRequest("chat", model, (Prompt(tuple(ids)),), params, n, stream, include_usage,
-                      ignored=_unknown(data, CHAT_FIELDS))
+                      ignored=_unknown(data, CHAT_FIELDS), tools=tools, tool_parser=tool_parser)
+
+
+def _with_tools(messages: list[dict[str, Any]], tools: tool_calls.ToolRequest | None,
+                template: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages ready for the template, and the tools to hand it. A template that renders tools gets them (and
+    tool calls in the history as structured fields); for one that does not, the tools are described in the
+    system message and earlier calls and results are written into the text, in the Hermes format."""
+    renders = "tools" in template
+    messages = tool_calls.render_history(messages, renders)
+    if tools is None:
+        return messages, None
+    if renders:
+        return messages, [dict(t) for t in tools.tools]
+    if tools.mode != "none":
+        text = tool_calls.fallback_system_prompt(tools.tools)
+        if messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
+        else:
+            messages.insert(0, {"role": "system", "content": text})
+    return messages, None
 
 
 def _model(data: Mapping[str, Any], served: str | Sequence[str]) -> str:
@@ -338,8 +379,8 @@ def _completion_prompts(raw: Any, tokenizer: TokenizerLike, echo: bool) -> tuple
 
 
 def _messages(raw: Any, flatten: bool) -> list[dict[str, Any]]:
-    """Chat messages reduced to role + content (text only), checked field by field; `flatten` joins a list of
-    text parts into one string (for templates that render content as a string)."""
+    """Chat messages reduced to role + content (text only) and the tool fields, checked field by field; `flatten`
+    joins a list of text parts into one string (for templates that render content as a string)."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     out = []
@@ -363,8 +404,37 @@ def _messages(raw: Any, flatten: bool) -> list[dict[str, Any]]:
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of parts",
                            param=f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _history_calls(m["tool_calls"], i)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if m.get(key) is not None:
+                    if not isinstance(m[key], str):
+                        raise ApiError(400, f"messages[{i}].{key} must be a string", param=f"messages[{i}].{key}")
+                    message[key] = m[key]
+        out.append(message)
     return out
+
+
+def _history_calls(raw: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as OpenAI gives them back: id, type, function {name, arguments}."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(raw, list):
+        raise ApiError(400, f"{where} must be a list", param=where)
+    calls = []
+    for j, c in enumerate(raw):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if not (isinstance(fn, Mapping) and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments", ""), str)):
+            raise ApiError(400, f"{where}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": str, "
+                           f"\"arguments\": str}}}}", param=f"{where}[{j}]")
+        call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"],
+                                                                 "arguments": fn.get("arguments", "")}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        calls.append(call)
+    return calls
 
 
 # ---- responses -------------------------------------------------------------------------------------------
@@ -457,9 +527,17 @@ def final_body(req: ApiRequest, request_id: str, created: int, choices: Sequence
                         "logprobs": completion_logprobs(c.logprobs, token_text, len(prefix)) if want_lp else None,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         else:
-            out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = c.finish_reason
+            if req.tools is not None and req.reads_tools:
+                parsed = tool_calls.parse_output(c.text, req.tools, req.tool_parser)
+                message["content"] = parsed.content
+                if parsed.calls:
+                    message["tool_calls"] = [call.body() for call in parsed.calls]
+                    finish = "tool_calls" if finish == "stop" else finish
+            out.append({"index": c.index, "message": message,
                         "logprobs": chat_logprobs(c.logprobs, token_text) if want_lp else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                        "finish_reason": finish, "stop_reason": c.stop_reason})
     obj = "text_completion" if req.kind == "completion" else "chat.completion"
     return {"id": request_id, "object": obj, "created": created, "model": req.model, "choices": out,
             "usage": usage(req, choices)}
@@ -480,6 +558,8 @@ class StreamFormatter:
         self.token_text = token_text
         self.choices = new_choices(req)
         self.object = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+        self.tools = ([tool_calls.ToolStream(req.tools, req.tool_parser) for _ in self.choices]
+                      if req.tools is not None and req.reads_tools else None)
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.req.model,
@@ -503,6 +583,8 @@ class StreamFormatter:
         return []
 
     def on_chunk(self, index: int, chunk: TokenChunk) -> list[dict[str, Any]]:
+        if self.tools is not None:
+            return self._on_tool_chunk(index, chunk)
         state = self.choices[index]
         offset = state.offset
         state.add(chunk)
@@ -518,6 +600,27 @@ class StreamFormatter:
             out.append(self._chunk(self._choice(index, chunk.text, lp)))
         if chunk.finish_reason is not None:
             out.append(self._chunk(self._choice(index, None, None, chunk.finish_reason, chunk.stop_reason)))
+        return out
+
+    def _on_tool_chunk(self, index: int, chunk: TokenChunk) -> list[dict[str, Any]]:
+        """Chat with tools: the text goes through the choice's ToolStream, which turns calls into tool_calls
+        deltas (the id and name first, then the arguments) and passes the rest on as content."""
+        assert self.tools is not None
+        stream = self.tools[index]
+        self.choices[index].add(chunk)
+        deltas = stream.feed(chunk.text) if chunk.text else []
+        if chunk.finish_reason is not None:
+            deltas += stream.finish()
+        lp: Any = None
+        if self.req.params.logprobs is not None and chunk.logprobs:
+            lp = chat_logprobs(chunk.logprobs, self.token_text)
+        out = []
+        for d in deltas or ([{}] if lp else []):
+            out.append(self._chunk({"index": index, "delta": d, "logprobs": lp, "finish_reason": None}))
+            lp = None  # a step's logprobs ride on its first delta
+        if chunk.finish_reason is not None:
+            finish = "tool_calls" if stream.called and chunk.finish_reason == "stop" else chunk.finish_reason
+            out.append(self._chunk(self._choice(index, None, None, finish, chunk.stop_reason)))
         return out
 
     def end(self) -> list[dict[str, Any]]:

@@ -287,7 +287,9 @@ class Sampler:
         unmasked = x
         x = apply_min_tokens(x, rows, self.eos_token_ids, inplace=x is not logits and not constrained)
         if constrained:
-            x = self._constrain(x if x is not logits else x.clone(), unmasked, rows, constrained)
+            if x is logits:
+                x = unmasked = x.clone()
+            x = self._constrain(x, unmasked, rows, constrained)
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         random = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -314,6 +316,8 @@ class Sampler:
             raise RuntimeError("constrained rows need a sampler with grammars")
         allowed = self.grammars.fill([rows[i].matcher for i in idx])
         x = apply_masks(x, idx, allowed)
+        if unmasked is x:  # min_tokens masked nothing: every row keeps what its grammar allows
+            return x
         dead = torch.isneginf(x.index_select(0, _index(idx, x.device))).all(dim=1).nonzero().flatten().tolist()
         if dead:
             rescue = [idx[j] for j in dead]

@@ -44,17 +44,19 @@ class Tokenizer:
 
     def chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template: str | None = None,
-             template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+             template_kwargs: Mapping[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of `messages` rendered by the chat template (or `chat_template`, a Jinja source).
 
         `continue_final_message` leaves the last (assistant) message open so the model carries it on;
-        `template_kwargs` are extra template variables (e.g. `enable_thinking`)."""
+        `template_kwargs` are extra template variables (e.g. `enable_thinking`); `tools` the OpenAI tool
+        objects, for templates that render them."""
         template = chat_template or self.chat_template
         if not template:
             raise ModelError("this model has no chat template; use completions instead")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, chat_template=template,
-                                           **dict(template_kwargs or {}))
+                                           tools=tools, **dict(template_kwargs or {}))
         return list(self.hf.encode(text, add_special_tokens=False))
 
     @property

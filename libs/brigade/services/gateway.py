@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import asdict
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from brigade.bus import Bus, BusError
 from brigade.config import GatewayConfig, default_served_names
 from brigade.model.tokenizer import Tokenizer
 from brigade.stream_order import ChunkOrder, Order, count_mismatch
+from brigade.tool_parsers import PARSERS
 
 log = logging.getLogger("brigade.gateway")
 WATCH_PERIOD_S = 0.5
@@ -570,7 +571,8 @@ class Gateway:
         return await self._generate(request, api.parse_completion)
 
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, api.parse_chat)
+        return await self._generate(request, partial(api.parse_chat,
+                                                     tool_parser=self.config.tool_call_parser))
 
     async def _generate(self, request: Request, parse: Callable[..., api.ApiRequest]) -> Response:
         # The server span of the request; a client's own traceparent header makes it a child of the caller's.
@@ -810,6 +812,8 @@ async def serve(config: GatewayConfig) -> None:
     from brigade.model.config import load_config
     from brigade.model.resolve import resolve_model
 
+    if config.tool_call_parser not in ("auto", *PARSERS):
+        raise ValueError(f"unknown --tool-call-parser {config.tool_call_parser!r}; one of auto, {', '.join(PARSERS)}")
     model_dir = await asyncio.to_thread(resolve_model, config.model)
     tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
     if config.chat_template:  # --chat-template: a file, else the template itself (as vLLM takes it)
