@@ -73,16 +73,17 @@ class GatewayConfig:
     tool_call_parser: str = "auto"  # how tool calls are read from `auto` output: hermes, llama3_json, mistral
     host: str = "127.0.0.1"
     port: int = 8000
-    max_inflight: int = 256  # concurrent requests before 429
+    max_inflight: int = 256  # concurrent sequences (prompts x n of each request) before 429
     max_request_bytes: int = 8 << 20  # larger bodies are a 413
     request_timeout: float = 600.0  # whole request, seconds
-    token_timeout: float = 60.0  # longest silence between two token messages
+    token_timeout: float = 60.0  # longest silence between two token messages, unless the worker is alive and busy
     route_timeout: float = 5.0
     worker_timeout: float = 3.0  # a worker silent this long is dead: its requests are replayed elsewhere
     max_replays: int = 2  # per choice; then the client gets the error
     replay_timeout: float = 30.0  # how long a replay waits for some worker to take it (one restarting, say)
     send_timeout: float = 30.0  # a stream send the client does not take this long cuts the client off
     max_pending_events: int = 4096  # token chunks a stream may hold for a client not reading; then it is cut
+    sse_ping: int = 0  # seconds between SSE keep-alive comments; 0: none (as OpenAI and vLLM)
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,12 @@ HELP = {
                         "from the chat template)",
     "host": "interface to listen on",
     "port": "HTTP port",
-    "max_inflight": "concurrent requests before 429",
+    "max_inflight": "concurrent sequences (prompts x n of each request) before 429",
     "max_request_bytes": "largest request body in bytes; larger ones get a 413",
     "request_timeout": "longest a whole request may take, seconds",
-    "token_timeout": "longest silence between two token messages, seconds",
+    "token_timeout": "longest silence between two token messages, seconds; a request on a live, busy worker "
+                     "waits on",
+    "sse_ping": "seconds between SSE keep-alive comments on streams (0: none, as OpenAI and vLLM)",
     "route_timeout": "longest the router may take to place a request, seconds",
     "worker_timeout": "a worker silent this long is lost: its requests are replayed elsewhere, seconds",
     "max_replays": "replays per choice before the client gets the error",

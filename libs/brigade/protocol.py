@@ -232,6 +232,7 @@ class WorkerStatus(Message):
     served: int = 0  # requests finished here since start (handoffs excluded)
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which served from cache
+    preemptions: int = 0  # requests preempted since start
     transports: list[str] = field(default_factory=list)  # KV transports it accepts
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)

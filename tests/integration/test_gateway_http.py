@@ -59,6 +59,8 @@ class Responder:
     requests: list[P.GenerateRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    beat_as: str = "responder"  # the worker id of its heartbeats
+    load: dict[str, int] = field(default_factory=dict)  # WorkerStatus fields its heartbeats report
 
     async def start(self) -> Responder:
         await self.bus.subscribe(P.ROUTER_GENERATE, self._on_generate)
@@ -70,8 +72,8 @@ class Responder:
     async def _beat(self) -> None:
         """A worker's heartbeat, so the gateway's /health says a worker can serve."""
         while True:
-            await self.bus.publish(P.HEARTBEAT, P.WorkerStatus("responder", "colocated", "tiny", 16, 0))
-            await asyncio.sleep(0.5)
+            await self.bus.publish(P.HEARTBEAT, P.WorkerStatus(self.beat_as, "colocated", "tiny", 16, 0, **self.load))
+            await asyncio.sleep(0.1)
 
     async def _on_generate(self, msg: Msg) -> None:
         req = P.GenerateRequest.decode(msg.data)
@@ -319,6 +321,56 @@ async def test_worker_error_and_token_timeout(nats_url: str, tok: Tokenizer) -> 
         await s.responder.wait_cancel(s.responder.requests[-1].request_id)
 
 
+async def test_a_request_queued_on_a_live_busy_worker_waits(nats_url: str, tok: Tokenizer) -> None:
+    """Silence longer than token_timeout is no 504 while the worker holding the request beats and is busy."""
+    async with gateway(nats_url, tok, token_timeout=0.3) as s:
+        s.responder.beat_as, s.responder.load = "w1", {"running": 4, "waiting": 1}
+        s.responder.held = True
+        task = asyncio.create_task(s.client.post("/v1/completions", json=COMPLETION))
+        await asyncio.sleep(1.2)  # four token timeouts
+        assert not task.done()
+        s.responder.hold.set()
+        r = await task
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "Hello world 0"
+        s.responder.load = {}  # idle: the same silence is a 504 again
+        s.responder.hold.clear()
+        await asyncio.sleep(0.3)
+        r = await s.client.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 504
+
+
+async def test_admission_counts_sequences(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, max_inflight=4) as s:
+        s.responder.held = True
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "n": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        first = asyncio.create_task(s.client.post("/v1/completions", json={**COMPLETION, "n": 3}))
+        while len(s.responder.requests) < 3:
+            await asyncio.sleep(0.01)
+        r = await s.client.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b"]})
+        assert r.status_code == 429  # 3 + 2 sequences > 4
+        assert s.app.state.gateway.inflight == 3
+        second = asyncio.create_task(s.client.post("/v1/completions", json=COMPLETION))  # 3 + 1 fits
+        while len(s.responder.requests) < 4:
+            await asyncio.sleep(0.01)
+        s.responder.hold.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+        assert s.app.state.gateway.inflight == 0
+
+
+async def test_metrics_carry_every_workers_engine_gauges(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok) as s:
+        s.responder.load = {"running": 3, "waiting": 2, "kv_used": 16, "kv_total": 64, "prefix_queries": 100,
+                            "prefix_hits": 40, "preemptions": 1}
+        await asyncio.sleep(0.3)
+        text = (await s.client.get("/metrics")).text
+        labels = f'model_name="{MODEL}",role="colocated",worker="responder"'
+        for line in (f"vllm:num_requests_running{{{labels}}} 3.0", f"vllm:num_requests_waiting{{{labels}}} 2.0",
+                     f"vllm:kv_cache_usage_perc{{{labels}}} 0.25", f"vllm:prefix_cache_hits_total{{{labels}}} 40.0",
+                     f"vllm:num_preemptions_total{{{labels}}} 1.0"):
+            assert line in text, line
+
+
 async def test_shutdown_ends_streams_cleanly(nats_url: str, tok: Tokenizer) -> None:
     async with gateway(nats_url, tok) as s:
         s.responder.held = True
@@ -383,6 +435,7 @@ def test_streams_send_no_keepalive_pings() -> None:
         yield b"data: x\n\n"
 
     assert _EventStream(body(), lambda: None).ping_interval == 0
+    assert _EventStream(body(), lambda: None, ping=15).ping_interval == 15  # --sse-ping 15 turns them on
 
 
 async def test_api_key_guards_the_api_not_the_probes(nats_url: str, tok: Tokenizer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def _named(pids: set[int], word: str) -> set[int]:
 
 def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[str, Path]) -> None:
     """SIGKILL the only worker mid-stream: `brigade up` keeps serving, starts the worker again, and the streams
-    that worker held finish on the new one (the gateway replays them) with every request a 200."""
+    that worker held finish on the new one (the gateway replays them) with every request a 200, a constrained
+    one's grammar rebuilt from the tokens it had."""
     import asyncio
 
     proc, port = _up(str(tiny_models["llama"]))
@@ -137,12 +139,15 @@ def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[
         body = {"model": "llama", "prompt": "tell me a long story", "max_tokens": 480, "temperature": 0,
                 "ignore_eos": True}
 
+        constrained = {**body, "guided_regex": "[a-z ]{600}"}
+        bodies = [body] * 4 + [constrained]
+
         async def streams() -> list[str]:
-            started = [asyncio.Event() for _ in range(4)]
+            started = [asyncio.Event() for _ in bodies]
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 async def one(i: int) -> str:
                     text = ""
-                    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    async with client.stream("POST", "/v1/completions", json={**bodies[i], "stream": True}) as r:
                         async for line in r.aiter_lines():
                             if line.startswith("data: {"):
                                 event = json.loads(line[6:])
@@ -150,14 +155,17 @@ def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[
                                 text += event["choices"][0]["text"]
                                 started[i].set()
                     return text
-                tasks = [asyncio.create_task(one(i)) for i in range(4)]
+                tasks = [asyncio.create_task(one(i)) for i in range(len(bodies))]
                 for e in started:  # every stream is under way on the worker: then it dies
                     await e.wait()
                 os.kill(worker, signal.SIGKILL)
                 return list(await asyncio.gather(*tasks))
 
-        want = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
-        assert asyncio.run(streams()) == [want] * 4  # replayed on the restarted worker, text exact
+        want = [httpx.post(f"{url}/v1/completions", json=b, timeout=120).json()["choices"][0]["text"]
+                for b in (body, constrained)]
+        got = asyncio.run(streams())
+        assert got == [want[0]] * 4 + [want[1]]  # replayed on the restarted worker, text exact
+        assert re.fullmatch("[a-z ]{1,600}", got[4]), got[4]  # the constraint held across the replay
         deadline = time.monotonic() + 20
         while not (again := _named(_children(proc.pid), "decode")) and time.monotonic() < deadline:
             time.sleep(0.1)

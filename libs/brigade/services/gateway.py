@@ -48,6 +48,7 @@ from brigade import protocol as P
 from brigade import tracing
 from brigade.bus import Bus, BusError
 from brigade.config import GatewayConfig, default_served_names
+from brigade.fleet_metrics import FleetCollector
 from brigade.model.tokenizer import Tokenizer
 from brigade.stream_order import ChunkOrder, Order, count_mismatch
 from brigade.tool_parsers import PARSERS
@@ -97,12 +98,15 @@ class Metrics:
                                 ["code"], registry=r)
         self.failed = Counter("brigade:requests_failed", "Requests that failed during generation", ["code"],
                               registry=r)
-        self.inflight = Gauge("brigade:gateway_requests_inflight", "Requests the gateway is serving", registry=r)
+        self.inflight = Gauge("brigade:gateway_requests_inflight",
+                              "Sequences (prompts x n of each request) the gateway is serving", registry=r)
         self.replayed = Counter("brigade:requests_replayed", "Choices moved to another worker mid-generation, by why",
                                 ["reason"], registry=r)
         self.streams_cut = Counter("brigade:streams_cut", "Streams cut off as their client stopped reading, by why",
                                    ["reason"], registry=r)
         self.model_name = model_name
+        self.fleet = FleetCollector(model_name)  # every worker's engine metrics, from its heartbeats
+        r.register(self.fleet)
 
     def success(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
@@ -247,7 +251,8 @@ class Flow:
                     if loop.time() >= deadline:
                         raise api.ApiError(504, f"request timed out after {cfg.request_timeout}s",
                                            code="timeout") from None
-                    raise api.ApiError(504, f"no tokens for {cfg.token_timeout}s", code="timeout") from None
+                    self._wait_on_busy_workers(last)
+                    continue
             if not isinstance(chunk, P.TokenChunk):
                 if chunk is _Signal.SHUTDOWN:
                     raise api.ApiError(503, "the server is shutting down", code="shutting_down")
@@ -295,6 +300,18 @@ class Flow:
                 self.completion_tokens += chunk.completion_tokens
             yield index, chunk
 
+    def _wait_on_busy_workers(self, last: list[float]) -> None:
+        """Some choice heard nothing for token_timeout: a request queued behind others on a live worker that is
+        busy simply waits (its silence clock restarts); anything else is a 504."""
+        now = asyncio.get_running_loop().time()
+        timeout = self.gw.config.token_timeout
+        for i, done in enumerate(self.finished):
+            if done or last[i] + timeout > now:
+                continue
+            if not self.gw.busy(self.worker[i]):
+                raise api.ApiError(504, f"no tokens for {timeout}s", code="timeout")
+            last[i] = now
+
     def push(self, index: int, item: P.TokenChunk | _Signal | P.ProtocolError) -> None:
         """Queue an item for choice `index`; a stream whose client has left this much unread is cut off."""
         if self.on_cut is not None and self.queue.qsize() >= self.gw.config.max_pending_events:
@@ -336,7 +353,7 @@ class Flow:
             self.gw.by_request.pop(rid, None)
         for inbox in self.inboxes:
             self.gw.by_inbox.pop(inbox, None)
-        self.gw.release_slot()
+        self.gw.release_slot(self.req.num_choices)
         self.span.set_attributes({
             tracing.USAGE_PROMPT_TOKENS: self.prompt_tokens, tracing.USAGE_COMPLETION_TOKENS: self.completion_tokens,
             tracing.USAGE_NUM_SEQUENCES: sum(self.finished),
@@ -366,11 +383,11 @@ class _EventStream(EventSourceResponse):
     """
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], send_timeout: float = 30.0,
-                 on_stall: Callable[[], None] | None = None) -> None:
+                 on_stall: Callable[[], None] | None = None, ping: int = 0) -> None:
         # The grace period lets a stream told to stop (Gateway.shutdown) end with an error event and [DONE].
-        # No keep-alive pings (ping=0), as OpenAI and vLLM send none: vLLM's benchmark client fails a stream
-        # whose first event is an SSE comment, which a request queued for more than 15 s got.
-        super().__init__(content, sep="\n", shutdown_grace_period=2.0, ping=0)
+        # No keep-alive pings by default (ping=0), as OpenAI and vLLM send none: vLLM's benchmark client fails a
+        # stream whose first event is an SSE comment, which a request queued for more than 15 s got.
+        super().__init__(content, sep="\n", shutdown_grace_period=2.0, ping=ping)
         self.on_close = on_close
         self.on_stall = on_stall
         self.stream_send_timeout = send_timeout  # not sse-starlette's send_timeout: that one skips the last send
@@ -508,6 +525,7 @@ class Gateway:
     async def _on_status(self, msg: Msg) -> None:
         st = P.WorkerStatus.decode(msg.data)
         self.seen[st.worker_id] = asyncio.get_running_loop().time()
+        self.metrics.fleet.update(st)
         if st.role in ("decode", "colocated"):
             self.serving.add(st.worker_id)
         if st.stopping:
@@ -535,18 +553,28 @@ class Gateway:
             for w in gone - self.stopping:
                 del self.seen[w]  # dead: forget it (a restarted worker beats again under its id)
                 self.serving.discard(w)
+                self.metrics.fleet.forget(w)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def busy(self, worker: str) -> bool:
+        """True when `worker` is alive (heartbeats within worker_timeout, not stopping) and holds requests."""
+        if not worker or worker in self.stopping:
+            return False
+        if asyncio.get_running_loop().time() - self.seen.get(worker, -1e9) > self.config.worker_timeout:
+            return False
+        st = self.metrics.fleet.latest.get(worker)
+        return st is not None and st.running + st.waiting > 0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)  # a strong reference, or the task may be collected mid-flight
         task.add_done_callback(self.tasks.discard)
 
-    def release_slot(self) -> None:
-        self.inflight -= 1
-        self.metrics.inflight.dec()
+    def release_slot(self, sequences: int = 1) -> None:
+        self.inflight -= sequences
+        self.metrics.inflight.dec(sequences)
 
     def shutdown(self) -> None:
         """End every request in flight with a 503 (streams: an error event, then [DONE])."""
@@ -594,12 +622,13 @@ class Gateway:
             req = await asyncio.to_thread(parse, body, self.tokenizer, self.served_names, self.max_model_len)
             if req.ignored:
                 log.warning("ignoring fields this server does not know: %s", ", ".join(req.ignored))
+            self._admit(req)
             flow = Flow(self, req, t0, span)
             await flow.start()
             if req.stream:
                 handed_off = True
                 stream = _EventStream(self._stream(flow), flow.close, self.config.send_timeout,
-                                      on_stall=lambda: flow.cut("send_timeout"))
+                                      on_stall=lambda: flow.cut("send_timeout"), ping=self.config.sse_ping)
                 flow.on_cut = stream.cut
                 return stream
             return await self._complete(request, flow)
@@ -615,6 +644,18 @@ class Gateway:
                 else:
                     self.release_slot()
                     span.end()
+
+    def _admit(self, req: api.ApiRequest) -> None:
+        """Count the request's sequences (prompts x n), not the request: the slot taken on arrival is one."""
+        extra = req.num_choices - 1
+        if req.num_choices > self.config.max_inflight:
+            raise api.ApiError(400, f"this request fans out to {req.num_choices} sequences (prompts x n); this "
+                               f"server takes at most {self.config.max_inflight} at once", param="n")
+        if self.inflight + extra > self.config.max_inflight:
+            raise api.ApiError(429, f"too many concurrent sequences (limit {self.config.max_inflight})",
+                               code="rate_limit_exceeded")
+        self.inflight += extra
+        self.metrics.inflight.inc(extra)
 
     async def _complete(self, request: Request, flow: Flow) -> Response:
         """Collect every choice; give up (and cancel) as soon as the client disconnects."""

@@ -490,7 +490,8 @@ class Worker:
             self.id, self.config.role, e.model.cfg.name, self.config.block_size, self.config.hash_seed,
             running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_used=e.pool.num_used,
             kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served,
-            prefix_queries=e.pool.stats.prefix_queries, prefix_hits=e.pool.stats.prefix_hits, transports=transports,
+            prefix_queries=e.pool.stats.prefix_queries, prefix_hits=e.pool.stats.prefix_hits,
+            preemptions=e.pool.stats.preemptions, transports=transports,
             host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
             stopping=self.stopping, nixl=self.receiver.peer().to_dict() if hasattr(self.receiver, "peer") else {})
 
