@@ -32,6 +32,7 @@ from brigade.protocol import Message
 log = logging.getLogger("brigade.bus")
 
 DEFAULT_TIMEOUT = 5.0
+_PONG_PATIENCE = 3600  # nats-py's own flush timeout: far beyond any stall a caller waits through
 CONNECT_TIMEOUT = 30.0  # services may start before NATS (compose): keep trying this long, then fail
 # Headers count against the server's max payload but the client checks only the payload: keep room.
 HEADER_MARGIN = 4096
@@ -39,6 +40,10 @@ HEADER_MARGIN = 4096
 
 class BusError(RuntimeError):
     """A bus call failed: no responder, timeout, or a closed connection."""
+
+
+class NoResponders(BusError):
+    """Nobody is subscribed to the subject (yet: a service reconnecting after the server came back)."""
 
 
 def servers(url: str) -> list[str]:
@@ -131,6 +136,7 @@ class Bus:
     def __init__(self, nc: Client, name: str) -> None:
         self.nc = nc
         self.name = name
+        self._pings: set[asyncio.Future[None]] = set()  # round trips still waiting for their PONG
 
     def __repr__(self) -> str:
         url = self.nc.connected_url
@@ -205,7 +211,7 @@ class Bus:
         try:
             reply = await self.nc.request(subject, data, timeout=timeout, headers=headers or None)
         except NoRespondersError as e:
-            raise BusError(f"no responders on {subject}") from e
+            raise NoResponders(f"no responders on {subject}") from e
         except (TimeoutError, NatsTimeout) as e:
             raise BusError(f"timeout after {timeout}s on {subject}") from e
         return bytes(reply.data)
@@ -234,7 +240,18 @@ class Bus:
         write_pending = getattr(self.nc, "_flush_pending", None)
         if write_pending is not None:
             await write_pending(force_flush=True)
-        await self.nc.flush(timeout=timeout)
+        # nats-py's flush(timeout) cancels its PONG future on a timeout but leaves it queued; the late PONG
+        # (after a stall of the server) then raises InvalidStateError inside its read loop, which ends the loop:
+        # the connection stays up and deaf, never reconnecting. So the round trip is never cancelled here; the
+        # caller stops waiting and the PONG resolves it later (a reconnect drops the queue, and with it any
+        # PONG still owed).
+        ping = asyncio.ensure_future(self.nc.flush(timeout=_PONG_PATIENCE))
+        self._pings.add(ping)
+        ping.add_done_callback(_settled(self._pings))
+        done, _ = await asyncio.wait({ping}, timeout=timeout)
+        if not done:
+            raise NatsTimeout
+        ping.result()
 
     async def alive(self, timeout: float = 1.0) -> bool:
         """True when a round trip to the NATS server completes within `timeout`: a silence of every other
@@ -251,6 +268,14 @@ class Bus:
                 await asyncio.wait_for(self.nc.drain(), timeout=2.0)
             except Exception:  # closing anyway
                 await self.nc.close()
+
+
+def _settled(pending: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    def done(f: asyncio.Future[None]) -> None:
+        pending.discard(f)
+        if not f.cancelled():
+            f.exception()  # retrieved: a failed round trip nobody awaited any more is not an error to log
+    return done
 
 
 async def publish_status(bus: Bus, subject: str, status: Message) -> None:

@@ -10,19 +10,18 @@ from prometheus_client.registry import Collector
 
 from brigade.protocol import WorkerStatus
 
-_GAUGES = [
-    ("vllm:num_requests_running", "Requests in each worker's running batch"),
-    ("vllm:num_requests_waiting", "Requests waiting to be scheduled on each worker"),
-    ("vllm:kv_cache_usage_perc", "Fraction of each worker's KV blocks in use (1 = full)"),
-    ("brigade:kv_blocks_used", "KV blocks in use on each worker"),
-    ("brigade:kv_blocks_total", "KV blocks of each worker's cache"),
-    ("brigade:prefill_tokens_queued", "Prompt tokens each worker has yet to compute"),
-]
-_COUNTERS = [
-    ("vllm:prefix_cache_queries", "Prompt tokens each worker looked up in its prefix cache"),
-    ("vllm:prefix_cache_hits", "Prompt tokens each worker found in its prefix cache"),
-    ("vllm:num_preemptions", "Requests each worker preempted (recomputed later)"),
-    ("brigade:worker_requests_served", "Requests each worker finished (handoffs excluded)"),
+# (name, kind, help): one series per worker of each.
+_FAMILIES = [
+    ("vllm:num_requests_running", "gauge", "Requests in each worker's running batch"),
+    ("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled on each worker"),
+    ("vllm:kv_cache_usage_perc", "gauge", "Fraction of each worker's KV blocks in use (1 = full)"),
+    ("brigade:kv_blocks_used", "gauge", "KV blocks in use on each worker"),
+    ("brigade:kv_blocks_total", "gauge", "KV blocks of each worker's cache"),
+    ("brigade:prefill_tokens_queued", "gauge", "Prompt tokens each worker has yet to compute"),
+    ("vllm:prefix_cache_queries", "counter", "Prompt tokens each worker looked up in its prefix cache"),
+    ("vllm:prefix_cache_hits", "counter", "Prompt tokens each worker found in its prefix cache"),
+    ("vllm:num_preemptions", "counter", "Requests each worker preempted (recomputed later)"),
+    ("brigade:worker_requests_served", "counter", "Requests each worker finished (handoffs excluded)"),
 ]
 
 
@@ -55,9 +54,8 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         rows = [(st, _values(st)) for st in list(self.latest.values())]
         labels = ["model_name", "worker", "role"]
-        for names, family in ((_GAUGES, GaugeMetricFamily), (_COUNTERS, CounterMetricFamily)):
-            for name, doc in names:
-                metric = family(name, doc, labels=labels)
-                for st, values in rows:
-                    metric.add_metric([self.model_name, st.worker_id, st.role], float(values[name]))
-                yield metric
+        for name, kind, doc in _FAMILIES:
+            metric = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=labels)
+            for st, values in rows:
+                metric.add_metric([self.model_name, st.worker_id, st.role], float(values[name]))
+            yield metric

@@ -51,6 +51,8 @@ class UpConfig:
     tool_call_parser: str = "auto"  # the gateway's --tool-call-parser
 
 
+NATS = "nats"  # the embedded server's name among the children, for restarts
+
 MAX_RESTARTS = 5  # restarts of one child within RESTART_WINDOW_S before `brigade up` gives up
 RESTART_WINDOW_S = 60.0
 RESTART_BACKOFF_S = 0.5  # delay before the second restart within the window; doubling after that
@@ -341,12 +343,18 @@ class Up:
                 c.proc.wait(timeout=30)
 
     def restart(self, name: str) -> None:
-        """Kill one child and start it again with the same command."""
+        """Kill one child and start it again with the same command ("nats": the embedded server, on its port)."""
+        if name == NATS:
+            if self.nats is not None:
+                self.nats.restart()
+            return
         self.kill(name)
         self.children = [c for c in self.children if c.name != name] + [self._spawn(name)]
 
     def failed(self) -> list[str]:
-        return [c.name for c in self.children if c.proc.poll() is not None]
+        """Children that exited, and "nats" when the embedded server did."""
+        dead = [c.name for c in self.children if c.proc.poll() is not None]
+        return dead + ([NATS] if self.nats is not None and not self.nats.alive() else [])
 
     def stop(self, grace: float = 10.0) -> None:
         terminate((c.proc for c in self.children), grace)

@@ -168,6 +168,21 @@ class NatsServer:
         self.stop()
         raise TimeoutError("nats-server did not start")
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, timeout: float = 10.0) -> str:
+        """Start it again where it was (same port, credentials and JetStream directory) after it died or was
+        killed: clients reconnect to the URL they have."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.url:  # pin the port the first start picked
+            port = self.url.rsplit(":", 1)[1]
+            i = self.args.index("-p")
+            self.args[i + 1] = port
+        return self.start(timeout)
+
     def stop(self) -> None:
         if self.proc is not None:
             terminate([self.proc], grace=5)

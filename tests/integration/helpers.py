@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from brigade import protocol as P
@@ -58,3 +60,19 @@ class SubjectWatch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+async def stream_text(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None,
+                      path: str = "/v1/completions") -> str:
+    """The text of one streamed completion (no error event allowed); `started` is set at its first text."""
+    text = ""
+    async with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                text += event["choices"][0]["text"]
+                if started is not None:
+                    started.set()
+    return text

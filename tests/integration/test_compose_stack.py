@@ -1,5 +1,6 @@
 """The deployed shape: docker-compose.yml's serving services (NATS, gateway, router, prefill, decode) in containers,
-started by podman-compose from the image the Dockerfile builds.
+started by podman-compose from the image the Dockerfile builds, with NATS passwords set as an operator's .env would
+set them (nats-server and every service must take them over the defaults) and NATS refusing anonymous clients.
 
 Opt-in, as it builds an image (minutes the first time): BRIGADE_TEST_COMPOSE=1, with podman and podman-compose
 installed and the base images present (docs/operations.md, "Podman, without a registry"). The observability
@@ -9,6 +10,7 @@ services are not started: their images cannot be pulled here.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -51,7 +53,10 @@ def stack() -> Iterator[str]:
         shutil.copy(wheel, ROOT / "wheelhouse")
     _run("podman", "build", "--build-arg", "TORCH_INDEX_URL=", "-t", "brigade:latest", ".", timeout=1200)
     port = free_port()
-    env = {"BRIGADE_PORT": str(port), "OTEL_SDK_DISABLED": "true"}
+    env = {"BRIGADE_PORT": str(port), "OTEL_SDK_DISABLED": "true",
+           # as an operator's .env sets them: NATS and each service must both take these over the defaults
+           **{f"BRIGADE_NATS_{role}_PASSWORD": secrets.token_hex(24) for role in ("GATEWAY", "ROUTER", "WORKER",
+                                                                                  "EXPERTS")}}
     compose = ("podman-compose", "-p", PROJECT)
     try:
         _run(*compose, "up", "-d", *SERVICES, timeout=300, env=env)
@@ -69,6 +74,20 @@ def _metrics(service: str) -> dict[tuple[str, str], float]:
     return metric_samples(_run("podman", "exec", _container(service), "python3", "-c",
                                "import urllib.request; print(urllib.request.urlopen("
                                "'http://127.0.0.1:9100/metrics', timeout=5).read().decode())", timeout=30))
+
+
+ANONYMOUS_NATS = """
+import asyncio, nats
+async def main():
+    try:
+        nc = await nats.connect("nats://nats:4222", allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0)
+    except Exception as e:
+        print("refused:", e)
+    else:
+        print("connected")
+        await nc.close()
+asyncio.run(main())
+"""
 
 
 def _complete(url: str, prompt: str, deadline: float) -> httpx.Response:
@@ -100,3 +119,8 @@ def test_compose_stack_serves_short_and_disaggregated_requests(stack: str) -> No
     assert list(sent) == ["transport=nats"] and sent["transport=nats"] > 0, sent
     r = httpx.post(f"{stack}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": -1}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
+def test_compose_nats_refuses_anonymous_clients(stack: str) -> None:
+    out = _run("podman", "exec", _container("gateway"), "python3", "-c", ANONYMOUS_NATS, timeout=60)
+    assert "refused:" in out and "Authorization Violation" in out, out

@@ -7,7 +7,6 @@ started outlives it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import stream_text
 
 from brigade.launcher import free_port
 
@@ -136,26 +136,16 @@ def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[
         _wait_up(proc)
         [worker] = _named(_children(proc.pid), "decode")
         url = f"http://127.0.0.1:{port}"
-        body = {"model": "llama", "prompt": "tell me a long story", "max_tokens": 480, "temperature": 0,
+        body = {"model": "llama", "prompt": "tell me a long story", "max_tokens": 240, "temperature": 0,
                 "ignore_eos": True}
 
-        constrained = {**body, "guided_regex": "[a-z ]{600}"}
-        bodies = [body] * 4 + [constrained]
+        constrained = {**body, "guided_regex": "[a-z ]{400}"}
+        bodies = [body] * 39 + [constrained]  # 40 streams on the one worker when it dies
 
         async def streams() -> list[str]:
             started = [asyncio.Event() for _ in bodies]
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                async def one(i: int) -> str:
-                    text = ""
-                    async with client.stream("POST", "/v1/completions", json={**bodies[i], "stream": True}) as r:
-                        async for line in r.aiter_lines():
-                            if line.startswith("data: {"):
-                                event = json.loads(line[6:])
-                                assert "error" not in event, event
-                                text += event["choices"][0]["text"]
-                                started[i].set()
-                    return text
-                tasks = [asyncio.create_task(one(i)) for i in range(len(bodies))]
+                tasks = [asyncio.create_task(stream_text(client, b, e)) for b, e in zip(bodies, started, strict=True)]
                 for e in started:  # every stream is under way on the worker: then it dies
                     await e.wait()
                 os.kill(worker, signal.SIGKILL)
@@ -164,8 +154,8 @@ def test_a_dead_worker_is_restarted_and_its_requests_replayed(tiny_models: dict[
         want = [httpx.post(f"{url}/v1/completions", json=b, timeout=120).json()["choices"][0]["text"]
                 for b in (body, constrained)]
         got = asyncio.run(streams())
-        assert got == [want[0]] * 4 + [want[1]]  # replayed on the restarted worker, text exact
-        assert re.fullmatch("[a-z ]{1,600}", got[4]), got[4]  # the constraint held across the replay
+        assert got == [want[0]] * 39 + [want[1]]  # replayed on the restarted worker, text exact
+        assert re.fullmatch("[a-z ]{1,400}", got[-1]), got[-1]  # the constraint held across the replay
         deadline = time.monotonic() + 20
         while not (again := _named(_children(proc.pid), "decode")) and time.monotonic() < deadline:
             time.sleep(0.1)

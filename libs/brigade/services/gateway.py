@@ -46,7 +46,7 @@ from starlette.types import Message, Receive, Scope, Send
 from brigade import openai_api as api
 from brigade import protocol as P
 from brigade import tracing
-from brigade.bus import Bus, BusError
+from brigade.bus import Bus, BusError, NoResponders
 from brigade.config import GatewayConfig, default_served_names
 from brigade.fleet_metrics import FleetCollector
 from brigade.model.tokenizer import Tokenizer
@@ -177,11 +177,24 @@ class Flow:
                                 asdict(self.req.choice_params(index)), inbox, model=self.req.model,
                                 arrival=time.time(), output_ids=list(self.output[index]),
                                 text_sent=self.text_sent[index], batch_to=gw.batch_subject)
-        try:
-            accepted = P.Accepted.decode(await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=gw.config.route_timeout,
-                                                              headers=tracing.headers(self.span)))
-        except (BusError, P.ProtocolError, ConnectionClosedError) as e:
-            raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + gw.config.route_timeout
+        delay = 0.05
+        while True:
+            try:
+                reply = await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=max(deadline - loop.time(), 0.05),
+                                             headers=tracing.headers(self.span))
+                accepted = P.Accepted.decode(reply)
+                break
+            except NoResponders as e:
+                # No router subscribed: one may be reconnecting after the bus came back. Ask again while the
+                # route timeout lasts.
+                if loop.time() + delay >= deadline:
+                    raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.5)
+            except (BusError, P.ProtocolError, ConnectionClosedError) as e:
+                raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
         if accepted.code == 400:  # the worker judged the request itself invalid: the client's problem
             raise api.ApiError(400, accepted.error or "invalid request")
         if accepted.code != 200:

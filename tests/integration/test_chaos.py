@@ -1,0 +1,95 @@
+"""The bus fails under load: `brigade up`'s NATS server paused for 3 s, then killed and started again 2 s later,
+each under 40 streamed greedy requests. Every stream must end with the text of a run without faults, none may
+hang, and a new request must be served within 5 s of the bus's return."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import free_port, stream_text
+
+from brigade.launcher import Up, UpConfig
+
+STREAMS = 40
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def up(tiny_models: dict[str, Path]) -> Iterator[Up]:
+    with Up(UpConfig(model=str(tiny_models["llama"]), port=free_port(), decode=2,
+                     worker_args=("--num-blocks", "512"))) as u:
+        yield u
+
+
+def _body(i: int, stream: bool) -> dict[str, object]:
+    return {"model": "llama", "prompt": f"chaos request number {i} tells a story", "max_tokens": MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+@pytest.fixture(scope="module")
+def reference(up: Up) -> list[str]:
+    """Every request's text with nothing failing."""
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        return [client.post("/v1/completions", json=_body(i, False)).json()["choices"][0]["text"]
+                for i in range(STREAMS)]
+
+
+async def _streams_under(up: Up, fault: Callable[[], None]) -> tuple[list[str], float]:
+    """40 streams; once every one has its first text, `fault()` runs (blocking, in a thread). Returns the texts
+    and how long after the fault a fresh request took to be answered."""
+    started = [asyncio.Event() for _ in range(STREAMS)]
+    async with httpx.AsyncClient(base_url=up.url, timeout=httpx.Timeout(90, connect=10)) as client:
+        tasks = [asyncio.create_task(stream_text(client, _body(i, True), started[i])) for i in range(STREAMS)]
+        async with asyncio.timeout(60):
+            for e in started:
+                await e.wait()
+        await asyncio.to_thread(fault)
+        t0 = time.monotonic()
+        fresh = await client.post("/v1/completions", json={**_body(999, False), "max_tokens": 2}, timeout=30)
+        recovery = time.monotonic() - t0
+        assert fresh.status_code == 200, fresh.text
+        async with asyncio.timeout(90):  # none hangs
+            texts = await asyncio.gather(*tasks)
+    return list(texts), recovery
+
+
+def _pause(up: Up, seconds: float) -> Callable[[], None]:
+    def fault() -> None:
+        assert up.nats is not None and up.nats.proc is not None
+        os.kill(up.nats.proc.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(up.nats.proc.pid, signal.SIGCONT)
+    return fault
+
+
+def _kill_and_restart(up: Up, down: float) -> Callable[[], None]:
+    def fault() -> None:
+        assert up.nats is not None and up.nats.proc is not None
+        up.nats.proc.kill()
+        up.nats.proc.wait(timeout=10)
+        time.sleep(down)
+        up.nats.restart()
+    return fault
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_nats_paused_3s_under_40_streams(up: Up, reference: list[str], round_: int) -> None:
+    texts, recovery = asyncio.run(_streams_under(up, _pause(up, 3.0)))
+    assert texts == reference
+    assert recovery < 5.0, recovery
+    assert not up.failed()
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_nats_killed_and_restarted_under_40_streams(up: Up, reference: list[str], round_: int) -> None:
+    texts, recovery = asyncio.run(_streams_under(up, _kill_and_restart(up, 2.0)))
+    assert texts == reference
+    assert recovery < 5.0, recovery
+    assert not up.failed()
