@@ -22,6 +22,7 @@ _FAMILIES = [
     ("vllm:prefix_cache_hits", "counter", "Prompt tokens each worker found in its prefix cache"),
     ("vllm:num_preemptions", "counter", "Requests each worker preempted (recomputed later)"),
     ("brigade:worker_requests_served", "counter", "Requests each worker finished (handoffs excluded)"),
+    ("brigade:worker_kv_transfer_bytes", "counter", "KV bytes each prefill worker sent to decode workers"),
 ]
 
 
@@ -33,6 +34,7 @@ def _values(st: WorkerStatus) -> dict[str, float]:
         "brigade:prefill_tokens_queued": st.prefill_queued,
         "vllm:prefix_cache_queries": st.prefix_queries, "vllm:prefix_cache_hits": st.prefix_hits,
         "vllm:num_preemptions": st.preemptions, "brigade:worker_requests_served": st.served,
+        "brigade:worker_kv_transfer_bytes": st.kv_transfer_bytes,
     }
 
 

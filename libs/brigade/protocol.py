@@ -233,6 +233,7 @@ class WorkerStatus(Message):
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which served from cache
     preemptions: int = 0  # requests preempted since start
+    kv_transfer_bytes: int = 0  # KV bytes this (prefill) worker sent to decode workers since start
     transports: list[str] = field(default_factory=list)  # KV transports it accepts
     host: str = ""  # for the shm transport: same host means shared memory works
     shm_name: str = ""  # name of its shared-memory KV pool ("" when not shared)

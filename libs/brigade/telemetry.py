@@ -63,10 +63,12 @@ class TransferMetrics:
         self.blocks = Counter("brigade:kv_transfer_blocks", "KV blocks sent to decode workers", t, registry=registry)
         self.seconds = Histogram("brigade:kv_transfer_seconds", "Time to move one request's KV pages", t,
                                  buckets=TRANSFER_BUCKETS, registry=registry)
+        self.total_bytes = 0  # every transport together, for the heartbeat
         self.failures = Counter("brigade:kv_transfer_failures", "KV transfers or handoffs that failed (fell back)",
                                 t, registry=registry)
 
     def observe(self, transport: str, blocks: int, nbytes: int, seconds: float) -> None:
+        self.total_bytes += nbytes
         self.bytes.labels(transport).inc(nbytes)
         self.blocks.labels(transport).inc(blocks)
         self.seconds.labels(transport).observe(seconds)

@@ -361,13 +361,14 @@ async def test_admission_counts_sequences(nats_url: str, tok: Tokenizer) -> None
 async def test_metrics_carry_every_workers_engine_gauges(nats_url: str, tok: Tokenizer) -> None:
     async with gateway(nats_url, tok) as s:
         s.responder.load = {"running": 3, "waiting": 2, "kv_used": 16, "kv_total": 64, "prefix_queries": 100,
-                            "prefix_hits": 40, "preemptions": 1}
+                            "prefix_hits": 40, "preemptions": 1, "kv_transfer_bytes": 4096}
         await asyncio.sleep(0.3)
         text = (await s.client.get("/metrics")).text
         labels = f'model_name="{MODEL}",role="colocated",worker="responder"'
         for line in (f"vllm:num_requests_running{{{labels}}} 3.0", f"vllm:num_requests_waiting{{{labels}}} 2.0",
                      f"vllm:kv_cache_usage_perc{{{labels}}} 0.25", f"vllm:prefix_cache_hits_total{{{labels}}} 40.0",
-                     f"vllm:num_preemptions_total{{{labels}}} 1.0"):
+                     f"vllm:num_preemptions_total{{{labels}}} 1.0",
+                     f"brigade:worker_kv_transfer_bytes_total{{{labels}}} 4096.0"):
             assert line in text, line
 
 

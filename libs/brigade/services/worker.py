@@ -491,7 +491,8 @@ class Worker:
             running=len(e.scheduler.running), waiting=len(e.scheduler.waiting), kv_used=e.pool.num_used,
             kv_total=e.pool.num_blocks, prefill_queued=queued, served=self.served,
             prefix_queries=e.pool.stats.prefix_queries, prefix_hits=e.pool.stats.prefix_hits,
-            preemptions=e.pool.stats.preemptions, transports=transports,
+            preemptions=e.pool.stats.preemptions, kv_transfer_bytes=self.transfer_metrics.total_bytes,
+            transports=transports,
             host=socket.gethostname(), shm_name=self.shm_name, kv_layout=self.layout.to_dict(), time=time.time(),
             stopping=self.stopping, nixl=self.receiver.peer().to_dict() if hasattr(self.receiver, "peer") else {})
 
