@@ -29,8 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from jinja2 import TemplateError
-
 from brigade import constraints, tool_calls
 from brigade.api_errors import ApiError
 from brigade.engine.sampling import InvalidParams, SamplingParams, is_utf8
@@ -212,8 +210,9 @@ def parse_chat(body: bytes | str | Mapping[str, Any], tokenizer: TokenizerLike, 
     try:
         ids = tokenizer.chat(messages, add_generation_prompt and not continue_final, continue_final, template,
                              kwargs, template_tools)
-    except (ValueError, TypeError, TemplateError) as e:  # ModelError (no template) is a ValueError; a
-        # chat_template_kwargs name that collides with apply_chat_template's own arguments is a TypeError
+    except Exception as e:  # a template is the client's code: whatever it raises (ModelError for
+        # no template, TemplateError, a TypeError from a colliding kwarg, ZeroDivisionError, RecursionError, the
+        # sandbox's OverflowError) is the request's fault, not the server's
         raise ApiError(400, f"cannot apply the chat template: {e}",
                        param="chat_template" if template is not None else "messages") from e
     if not ids:

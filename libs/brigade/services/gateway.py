@@ -50,6 +50,7 @@ from brigade.bus import Bus, BusError, NoResponders
 from brigade.config import GatewayConfig, default_served_names
 from brigade.fleet_metrics import FleetCollector
 from brigade.model.tokenizer import Tokenizer
+from brigade.openapi_schema import openapi as openapi_document
 from brigade.stream_order import ChunkOrder, Order, count_mismatch
 from brigade.tool_parsers import PARSERS
 
@@ -737,42 +738,7 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(OPENAPI)
-
-
-def _post(summary: str) -> dict[str, Any]:
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    errors = {str(s): {"description": d, "content": error}
-              for s, d in ((400, "invalid request"), (429, "too many concurrent requests"),
-                           (500, "generation failed"), (503, "no worker available"))}
-    return {"post": {
-        "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-        "responses": {"200": {"description": "a JSON body, or text/event-stream chunks ending with data: [DONE]",
-                              "content": {"application/json": {}, "text/event-stream": {}}}, **errors}}}
-
-
-def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {media: {}}}}}}
-
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "Brigade", "version": "0.1.0",
-             "description": "OpenAI-compatible LLM inference (plus vLLM's sampling extras)"},
-    "paths": {
-        "/v1/completions": _post("Create a completion"),
-        "/v1/chat/completions": _post("Create a chat completion"),
-        "/v1/models": _get("List the served model"),
-        "/health": {"get": {"summary": "Readiness", "responses": {
-            "200": {"description": "a worker can serve the model"},
-            "503": {"description": "not connected to NATS, or no live worker yet"}}}},
-        "/metrics": _get("Prometheus metrics", "text/plain"),
-    },
-    "components": {"schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
-        "code": {"type": "string", "nullable": True}}}}}}},
-}
+        return JSONResponse(openapi_document(self.served_names))
 
 
 def served_names(config: GatewayConfig) -> tuple[str, ...]:
