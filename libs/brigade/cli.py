@@ -67,7 +67,8 @@ def _bench_structured(args: argparse.Namespace) -> int:
     from brigade.bench import structured
     from brigade.model.resolve import resolve_model
 
-    report = structured.bench(str(resolve_model(args.model)), args.requests, args.max_tokens, args.threads)
+    report = structured.bench(str(resolve_model(args.model)), args.requests, args.max_tokens, args.threads,
+                              args.rounds)
     print(structured.summary(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -400,6 +401,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--requests", type=int, default=32, help="requests in the batch")
     st.add_argument("--max-tokens", type=int, default=160, help="max_tokens of each constrained request")
     st.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    st.add_argument("--rounds", type=int, default=3, help="runs of each batch, alternated")
     st.add_argument("--out", help="write the report as JSON")
     st.set_defaults(fn=_bench_structured)
     c = bsub.add_parser("compare", help="several systems (brigade up flags, URLs, HF static) on one workload")

@@ -181,3 +181,13 @@ def test_bad_constraints_are_400s_naming_the_field(body: dict[str, Any], param: 
     with pytest.raises(ApiError) as info:
         constraints.parse_constraint(body)
     assert info.value.status == 400 and info.value.param == param
+
+
+def test_structured_bench_runs_the_same_tokens_both_ways(tiny_models: dict[str, Path]) -> None:
+    from brigade.bench import structured
+
+    report = structured.bench(str(tiny_models["llama"]), requests=3, max_tokens=12, rounds=1)
+    assert report["same_tokens"] and report["output_tokens"] > 0 and report["ratio"] > 0
+    assert set(report["compile"]) == set(structured.SCHEMAS)
+    assert all(c["cached_p50_ms"] < c["uncached_p50_ms"] for c in report["compile"].values())
+    assert "ratio" in structured.summary(report)

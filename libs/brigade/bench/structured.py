@@ -1,8 +1,8 @@
 """What constrained decoding costs: schema compile times, and a batch of schema-constrained requests against the
 same batch unconstrained.
 
-The unconstrained run is the same requests with each one's max_tokens set to the length its constrained run
-produced, EOS ignored: both runs generate the same tokens per request in the same batch shape, so the
+The unconstrained runs are the same requests with each one's max_tokens set to the length its constrained run
+produced, EOS ignored: both kinds of run generate the same tokens per request in the same batch shape, so the
 throughput ratio is the cost of the masks alone.
 """
 
@@ -75,8 +75,9 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams])
     return time.perf_counter() - t0, [len(o.token_ids) for o in outs]
 
 
-def bench(model: str, requests: int = 32, max_tokens: int = 160, threads: int = 0) -> dict[str, Any]:
-    """Compile times and constrained/unconstrained throughput on one engine; a JSON-able report."""
+def bench(model: str, requests: int = 32, max_tokens: int = 160, threads: int = 0, rounds: int = 3) -> dict[str, Any]:
+    """Compile times and constrained/unconstrained throughput on one engine, `rounds` runs of each alternated; a
+    JSON-able report."""
     engine = Engine(EngineConfig(model=model, threads=threads, max_num_seqs=max(requests, 1)))
     names = list(SCHEMAS)
     prompts = [engine.tokenizer.chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
@@ -85,19 +86,28 @@ def bench(model: str, requests: int = 32, max_tokens: int = 160, threads: int = 
                                   structured=("json", json.dumps(SCHEMAS[names[i % len(names)]])))
                    for i in range(requests)]
     engine.generate(prompts[:2], constrained[:2])  # warm-up: the tokenizer view, kernels, the compile cache
-    c_s, lengths = _run(engine, prompts, constrained)
+    _, lengths = _run(engine, prompts, constrained)
     free = [replace(p, structured=None, ignore_eos=True, max_tokens=n) for p, n in zip(constrained, lengths,
                                                                                        strict=True)]
-    f_s, free_lengths = _run(engine, prompts, free)
-    tokens = sum(lengths)
-    return {"model": model, "requests": requests, "output_tokens": tokens, "same_tokens": free_lengths == lengths,
-            "constrained_tok_s": tokens / c_s, "unconstrained_tok_s": sum(free_lengths) / f_s,
-            "ratio": (tokens / c_s) / (sum(free_lengths) / f_s), "compile": compile_times(engine.grammars)}
+    # Alternated, so that a drift of the machine's speed (±10% here from minute to minute) falls on both.
+    c_s = f_s = 0.0
+    same = True
+    for _ in range(rounds):
+        seconds, got = _run(engine, prompts, constrained)
+        c_s += seconds
+        same = same and got == lengths
+        seconds, got = _run(engine, prompts, free)
+        f_s += seconds
+        same = same and got == lengths
+    tokens = sum(lengths) * rounds
+    return {"model": model, "requests": requests, "rounds": rounds, "output_tokens": sum(lengths),
+            "same_tokens": same, "constrained_tok_s": tokens / c_s, "unconstrained_tok_s": tokens / f_s,
+            "ratio": f_s / c_s, "compile": compile_times(engine.grammars)}
 
 
 def summary(report: dict[str, Any]) -> str:
-    lines = [f"{report['requests']} requests, {report['output_tokens']} output tokens (same per request in both "
-             f"runs: {report['same_tokens']})",
+    lines = [f"{report['requests']} requests, {report['output_tokens']} output tokens, {report['rounds']} rounds of "
+             f"each (same tokens per request in every run: {report['same_tokens']})",
              f"constrained   {report['constrained_tok_s']:8.1f} tok/s",
              f"unconstrained {report['unconstrained_tok_s']:8.1f} tok/s",
              f"ratio         {report['ratio']:8.3f}x", "compile ms (p50 / p99): uncached | cached"]
