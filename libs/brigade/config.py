@@ -69,6 +69,7 @@ class GatewayConfig:
     served_model_name: str = ""  # names clients send as `model`, comma-separated; default: the model as given
     max_model_len: int = 0  # context limit checked here (0: the checkpoint's); workers get the same
     api_key: str = ""  # clients must send `Authorization: Bearer <key>` on /v1/* (empty: no check)
+    api_key_metrics: bool = False  # /metrics needs the key too (the operator's scraper then sends it)
     chat_template: str = ""  # a Jinja chat template, or a file holding one; empty: the checkpoint's
     tool_call_parser: str = "auto"  # how tool calls are read from `auto` output: hermes, llama3_json, mistral
     host: str = "127.0.0.1"
@@ -180,6 +181,7 @@ HELP = {
     "served_model_name": "names clients send as `model`, comma-separated (empty: the model as given)",
     "max_model_len": "longest prompt + output in tokens (0: the checkpoint's)",
     "api_key": "require `Authorization: Bearer KEY` on /v1/*, several keys comma-separated (empty: no check)",
+    "api_key_metrics": "with --api-key, /metrics needs the key too (default: open for scrapers)",
     "chat_template": "a Jinja chat template, or a file holding one (empty: the checkpoint's)",
     "tool_call_parser": "format of tool calls in model output: hermes, llama3_json, mistral, or auto (guessed "
                         "from the chat template)",

@@ -456,6 +456,14 @@ async def test_api_key_guards_the_api_not_the_probes(nats_url: str, tok: Tokeniz
             assert asyncio.get_running_loop().time() < deadline
 
 
+async def test_api_key_metrics_protects_the_scrape_too(nats_url: str, tok: Tokenizer) -> None:
+    async with gateway(nats_url, tok, api_key="sesame", api_key_metrics=True) as s:
+        assert (await s.client.get("/metrics")).status_code == 401
+        r = await s.client.get("/metrics", headers={"Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and "vllm:" in r.text
+        assert (await s.client.get("/health")).status_code in (200, 503)  # never 401: probes carry no key
+
+
 async def test_several_served_names(nats_url: str, tok: Tokenizer) -> None:
     async with gateway(nats_url, tok, served_model_name="alpha, beta") as s:
         ids = [m["id"] for m in (await s.client.get("/v1/models")).json()["data"]]

@@ -749,16 +749,18 @@ def served_names(config: GatewayConfig) -> tuple[str, ...]:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/* (401 otherwise), as vLLM's --api-key; /health and /metrics stay
-    open for probes and scrapers."""
+    """`Authorization: Bearer <key>` on /v1/* (401 otherwise), as vLLM's --api-key; /health stays open for probes,
+    and /metrics for scrapers unless `metrics` says it needs the key too."""
 
-    def __init__(self, app: Any, key: str) -> None:
+    def __init__(self, app: Any, key: str, metrics: bool = False) -> None:
         """`key`: one key, or several comma-separated (any of them is accepted)."""
         self.app = app
         self.expected = [f"Bearer {k.strip()}".encode() for k in key.split(",") if k.strip()]
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/v1") or (self.metrics and path == "/metrics"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             # Compare with every key (no early exit), so the time taken says nothing about which came close.
             if not sum(hmac.compare_digest(given, want) for want in self.expected):
@@ -782,7 +784,8 @@ def build_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer, max_model_l
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         return JSONResponse(api.ApiError(500, "internal server error").body(), status_code=500)
 
-    middleware = [Middleware(ApiKeyMiddleware, key=config.api_key)] if config.api_key else []
+    middleware = ([Middleware(ApiKeyMiddleware, key=config.api_key, metrics=config.api_key_metrics)]
+                  if config.api_key else [])
     app = Starlette(
         middleware=middleware,
         routes=[
