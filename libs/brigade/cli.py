@@ -148,7 +148,7 @@ def _up_args(a: argparse.Namespace) -> Any:
         raise ValueError(f"two models given: {a.model_arg!r} and --model {a.model!r}")
     model = a.model_arg or a.model or "demo"
     return UpConfig(model=model, host=a.host, port=a.port, mode=a.mode, prefill=a.prefill, decode=a.decode,
-                    router=a.router, nats=a.nats or "", kv_transport=a.kv_transport,
+                    router=a.router, nats=a.nats or "", nats_cluster=a.nats_cluster, kv_transport=a.kv_transport,
                     disagg_threshold=a.disagg_threshold, worker_args=tuple(a.worker_arg), experts=a.experts,
                     otlp=a.otlp or "", metrics_port=a.metrics_port, dtype=a.dtype,
                     served_model_name=tuple(a.served_model_name or ()), max_model_len=a.max_model_len,
@@ -345,7 +345,10 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--experts", type=int, default=0, help="MoE expert shards (0: experts run inside the workers)")
     u.add_argument("--router", default="prefix", choices=["prefix", "round_robin", "least_loaded"],
                    help="routing policy")
-    u.add_argument("--nats", help="use this NATS server instead of starting one")
+    u.add_argument("--nats", help="use this NATS server (or several, comma-separated) instead of starting one")
+    u.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                   help="start N embedded NATS servers routed into one cluster; services fail over between them "
+                        "(0: one server)")
     u.add_argument("--kv-transport", default="shm", choices=["shm", "nats", "nixl", "cuda-ipc"],
                    help="prefill -> decode KV pages: shm (one host), nats (chunked over the bus), nixl (UCX; "
                         "pip install brigade[nixl]), cuda-ipc (one GPU node)")

@@ -20,7 +20,7 @@ from brigade.bus import Bus
 from brigade.config import DEFAULT_DTYPE, default_served_names
 from brigade.model.config import ModelError, load_config
 from brigade.model.resolve import resolve_model
-from brigade.nats_server import NatsServer
+from brigade.nats_server import NatsCluster, NatsServer
 from brigade.procs import die_with_parent, terminate
 
 
@@ -33,7 +33,8 @@ class UpConfig:
     prefill: int = 1
     decode: int = 1
     router: str = "prefix"
-    nats: str = ""  # an existing server; empty: start an embedded one
+    nats: str = ""  # an existing server (or several, comma-separated); empty: start an embedded one
+    nats_cluster: int = 0  # > 1: start that many embedded servers routed into a cluster (clients fail over)
     kv_transport: str = "shm"
     disagg_threshold: int = 64
     worker_args: tuple[str, ...] = field(default_factory=tuple)  # extra flags for every worker
@@ -269,7 +270,7 @@ class Up:
         """`wrap(name, argv)`: the command line that runs child `name` (e.g. under `ip netns exec`, `numactl`)."""
         self.cfg = cfg
         self.wrap = wrap
-        self.nats: NatsServer | None = None
+        self.nats: NatsServer | NatsCluster | None = None
         self.children: list[_Child] = []
         self.argv: dict[str, tuple[list[str], dict[str, str]]] = {}
 
@@ -305,7 +306,7 @@ class Up:
             raise StartError(f"port {self.cfg.port} on {self.cfg.host} is in use (choose another with --port)")
         url = self.cfg.nats  # an external server: the children use whatever credentials the environment has
         if not url:
-            self.nats = NatsServer(auth=True)
+            self.nats = NatsCluster(self.cfg.nats_cluster) if self.cfg.nats_cluster > 1 else NatsServer(auth=True)
             url = self.nats.start()
         cmds = [(name, argv, {**env, **self._bus_env(name)}) for name, argv, env in commands(self.cfg, url, model)]
         try:
@@ -343,10 +344,11 @@ class Up:
                 c.proc.wait(timeout=30)
 
     def restart(self, name: str) -> None:
-        """Kill one child and start it again with the same command ("nats": the embedded server, on its port)."""
-        if name == NATS:
+        """Kill one child and start it again with the same command ("nats", "nats-<i>": the embedded server or
+        a node of the embedded cluster, on its port)."""
+        if name == NATS or name.startswith(NATS + "-"):
             if self.nats is not None:
-                self.nats.restart()
+                self.nats.restart_node(name)
             return
         self.kill(name)
         self.children = [c for c in self.children if c.name != name] + [self._spawn(name)]
@@ -354,7 +356,7 @@ class Up:
     def failed(self) -> list[str]:
         """Children that exited, and "nats" when the embedded server did."""
         dead = [c.name for c in self.children if c.proc.poll() is not None]
-        return dead + ([NATS] if self.nats is not None and not self.nats.alive() else [])
+        return dead + (self.nats.dead_nodes() if self.nats is not None else [])
 
     def stop(self, grace: float = 10.0) -> None:
         terminate((c.proc for c in self.children), grace)

@@ -112,12 +112,21 @@ class NatsServer:
     (`ROLES`, each limited to its subjects) plus `ADMIN` with every permission. `credentials[role]` holds
     them, `env(role)` gives them to a child process and `client_url` embeds the admin's (or the token)."""
 
-    def __init__(self, jetstream: bool = True, host: str = "127.0.0.1", port: int = -1, auth: Auth = False) -> None:
+    def __init__(self, jetstream: bool = True, host: str = "127.0.0.1", port: int = -1, auth: Auth = False,
+                 credentials: dict[str, Credentials] | None = None, cluster: tuple[str, int, list[int]] | None = None,
+                 ) -> None:
+        """`credentials`: use these (a cluster's nodes share them) instead of generating them from `auth`;
+        `cluster`: (node name, its route port, every node's route port) to join a cluster of servers."""
         self.dir = Path(tempfile.mkdtemp(prefix="brigade-nats-"))  # 0700: the config file's secrets stay ours
         args = [str(binary()), "-a", host, "-p", str(port), "--ports_file_dir", str(self.dir)]
         if jetstream:
             args += ["-js", "-sd", str(self.dir / "js")]
-        self.credentials: dict[str, Credentials] = _generate(auth)
+        if cluster is not None:
+            name, route_port, route_ports = cluster
+            routes = ",".join(f"nats://{host}:{p}" for p in route_ports if p != route_port)
+            args += ["-n", name, "--cluster_name", "brigade", "--cluster", f"nats://{host}:{route_port}",
+                     "--routes", routes]
+        self.credentials: dict[str, Credentials] = credentials if credentials is not None else _generate(auth)
         if self.credentials:
             args += ["-c", str(self._write_config())]
         self.args = args
@@ -171,6 +180,13 @@ class NatsServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def dead_nodes(self) -> list[str]:
+        """["nats"] when the server has died (for `brigade up` to restart it), else []."""
+        return [] if self.alive() else ["nats"]
+
+    def restart_node(self, name: str) -> None:
+        self.restart()
+
     def restart(self, timeout: float = 10.0) -> str:
         """Start it again where it was (same port, credentials and JetStream directory) after it died or was
         killed: clients reconnect to the URL they have."""
@@ -194,6 +210,58 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """`size` nats-servers routed into one cluster on this host, sharing one set of credentials: clients get
+    every node's URL and fail over between them when one dies (`brigade up --nats-cluster 3`)."""
+
+    def __init__(self, size: int = 3, auth: Auth = True, host: str = "127.0.0.1") -> None:
+        from brigade.launcher import free_ports  # here: the launcher imports this module
+
+        if size < 1:
+            raise ValueError("a cluster needs at least one server")
+        credentials = _generate(auth)
+        base = free_ports(2 * size, host)
+        client_ports = list(range(base, base + size))
+        route_ports = list(range(base + size, base + 2 * size))
+        # JetStream off: no Brigade service uses it, and a clustered JetStream would need a quorum to start.
+        self.nodes = [NatsServer(jetstream=False, host=host, port=client_ports[i], credentials=credentials,
+                                 cluster=(f"brigade-{i}", route_ports[i], route_ports)) for i in range(size)]
+        self.credentials = credentials
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start every node; the comma-separated client URLs."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    @property
+    def client_url(self) -> str:
+        """Every node's URL with the admin's credentials in it."""
+        return ",".join(n.client_url for n in self.nodes)
+
+    def env(self, role: str) -> dict[str, str]:
+        return self.nodes[0].env(role)
+
+    def dead_nodes(self) -> list[str]:
+        """The names ("nats-<i>") of the nodes that have died."""
+        return [f"nats-{i}" for i, n in enumerate(self.nodes) if not n.alive()]
+
+    def restart_node(self, name: str) -> None:
+        self.nodes[int(name.rsplit("-", 1)[1])].restart()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def _generate(auth: Auth) -> dict[str, Credentials]:

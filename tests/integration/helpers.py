@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,3 +77,23 @@ async def stream_text(client: httpx.AsyncClient, body: dict[str, Any], started: 
                 if started is not None:
                     started.set()
     return text
+
+
+async def streams_under(url: str, n: int, body: Callable[[int, bool], dict[str, Any]],
+                        fault: Callable[[], None]) -> tuple[list[str], float]:
+    """`n` streams of `body(i, True)`; once every one has its first text, `fault()` runs (blocking, in a thread).
+    Returns the texts and how long after the fault a fresh request (`body(999, False)`) took to be answered."""
+    started = [asyncio.Event() for _ in range(n)]
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(90, connect=10)) as client:
+        tasks = [asyncio.create_task(stream_text(client, body(i, True), started[i])) for i in range(n)]
+        async with asyncio.timeout(60):
+            for e in started:
+                await e.wait()
+        await asyncio.to_thread(fault)
+        t0 = time.monotonic()
+        fresh = await client.post("/v1/completions", json={**body(999, False), "max_tokens": 2}, timeout=30)
+        recovery = time.monotonic() - t0
+        assert fresh.status_code == 200, fresh.text
+        async with asyncio.timeout(90):  # none hangs
+            texts = await asyncio.gather(*tasks)
+    return list(texts), recovery

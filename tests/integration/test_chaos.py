@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, stream_text
+from helpers import free_port, streams_under
 
 from brigade.launcher import Up, UpConfig
 
@@ -41,25 +41,6 @@ def reference(up: Up) -> list[str]:
                 for i in range(STREAMS)]
 
 
-async def _streams_under(up: Up, fault: Callable[[], None]) -> tuple[list[str], float]:
-    """40 streams; once every one has its first text, `fault()` runs (blocking, in a thread). Returns the texts
-    and how long after the fault a fresh request took to be answered."""
-    started = [asyncio.Event() for _ in range(STREAMS)]
-    async with httpx.AsyncClient(base_url=up.url, timeout=httpx.Timeout(90, connect=10)) as client:
-        tasks = [asyncio.create_task(stream_text(client, _body(i, True), started[i])) for i in range(STREAMS)]
-        async with asyncio.timeout(60):
-            for e in started:
-                await e.wait()
-        await asyncio.to_thread(fault)
-        t0 = time.monotonic()
-        fresh = await client.post("/v1/completions", json={**_body(999, False), "max_tokens": 2}, timeout=30)
-        recovery = time.monotonic() - t0
-        assert fresh.status_code == 200, fresh.text
-        async with asyncio.timeout(90):  # none hangs
-            texts = await asyncio.gather(*tasks)
-    return list(texts), recovery
-
-
 def _pause(up: Up, seconds: float) -> Callable[[], None]:
     def fault() -> None:
         assert up.nats is not None and up.nats.proc is not None
@@ -81,7 +62,7 @@ def _kill_and_restart(up: Up, down: float) -> Callable[[], None]:
 
 @pytest.mark.parametrize("round_", [1, 2])
 def test_nats_paused_3s_under_40_streams(up: Up, reference: list[str], round_: int) -> None:
-    texts, recovery = asyncio.run(_streams_under(up, _pause(up, 3.0)))
+    texts, recovery = asyncio.run(streams_under(up.url, STREAMS, _body, _pause(up, 3.0)))
     assert texts == reference
     assert recovery < 5.0, recovery
     assert not up.failed()
@@ -89,7 +70,7 @@ def test_nats_paused_3s_under_40_streams(up: Up, reference: list[str], round_: i
 
 @pytest.mark.parametrize("round_", [1, 2])
 def test_nats_killed_and_restarted_under_40_streams(up: Up, reference: list[str], round_: int) -> None:
-    texts, recovery = asyncio.run(_streams_under(up, _kill_and_restart(up, 2.0)))
+    texts, recovery = asyncio.run(streams_under(up.url, STREAMS, _body, _kill_and_restart(up, 2.0)))
     assert texts == reference
     assert recovery < 5.0, recovery
     assert not up.failed()
