@@ -78,6 +78,7 @@ class GatewayConfig:
     max_request_bytes: int = 8 << 20  # larger bodies are a 413
     request_timeout: float = 600.0  # whole request, seconds
     token_timeout: float = 60.0  # longest silence between two token messages, unless the worker is alive and busy
+    stall_timeout: float = 5.0  # silence after which an idle worker's choice is taken as lost and replayed
     route_timeout: float = 5.0
     worker_timeout: float = 3.0  # a worker silent this long is dead: its requests are replayed elsewhere
     max_replays: int = 2  # per choice; then the client gets the error
@@ -192,6 +193,8 @@ HELP = {
     "request_timeout": "longest a whole request may take, seconds",
     "token_timeout": "longest silence between two token messages, seconds; a request on a live, busy worker "
                      "waits on",
+    "stall_timeout": "seconds of silence after which a choice whose worker is alive but idle is replayed (its "
+                     "last messages were lost)",
     "sse_ping": "seconds between SSE keep-alive comments on streams (0: none, as OpenAI and vLLM)",
     "route_timeout": "longest the router may take to place a request, seconds",
     "worker_timeout": "a worker silent this long is lost: its requests are replayed elsewhere, seconds",

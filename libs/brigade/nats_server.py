@@ -123,7 +123,8 @@ class NatsServer:
             args += ["-js", "-sd", str(self.dir / "js")]
         if cluster is not None:
             name, route_port, route_ports = cluster
-            routes = ",".join(f"nats://{host}:{p}" for p in route_ports if p != route_port)
+            peer = "127.0.0.1" if host == "0.0.0.0" else host  # the nodes share this host
+            routes = ",".join(f"nats://{peer}:{p}" for p in route_ports if p != route_port)
             args += ["-n", name, "--cluster_name", "brigade", "--cluster", f"nats://{host}:{route_port}",
                      "--routes", routes]
         self.credentials: dict[str, Credentials] = credentials if credentials is not None else _generate(auth)
@@ -132,6 +133,11 @@ class NatsServer:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+
+    @property
+    def port(self) -> int:
+        """The client port it listens on (once started)."""
+        return int(self.url.rsplit(":", 1)[1])
 
     @property
     def client_url(self) -> str:

@@ -148,3 +148,42 @@ def test_handoff_cut_inside_a_stop_string(tiny_models: dict[str, Path]) -> None:
     rest = _run(decode)
     assert first.new_text + "".join(o.new_text for o in rest) == expected
     assert rest[-1].finish_reason == "stop"
+
+
+def test_a_resumed_request_with_every_token_ends_at_once(tiny_models: dict[str, Path]) -> None:
+    """A replay after only the last message was lost: no step runs the model for it, and the text the first
+    worker still withheld comes out with finish_reason length."""
+    eng = _engine(tiny_models)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    [ref] = eng.generate([PROMPT], params)
+    steps = eng.num_steps
+    eng.add_request("again", PROMPT, params, output_ids=ref.token_ids, text_sent=len(ref.text) - 3)
+    [out] = _run(eng)
+    assert (out.finished, out.finish_reason, out.new_token_ids, out.new_text) == (True, "length", [], ref.text[-3:])
+    assert eng.num_steps == steps and eng.pool.num_used == 0 and not eng.seqs
+    with pytest.raises(InvalidRequest, match="more than max_tokens"):
+        eng.add_request("over", PROMPT, params, output_ids=ref.token_ids + [1])
+
+
+def test_a_replayed_request_hands_off_with_its_earlier_tokens(tiny_models: dict[str, Path]) -> None:
+    """A replay lands on a prefill worker with the tokens it had: their KV moves too, and the decode worker carries
+    on after them (positions, the text the client already has, max_tokens) exactly as one engine would."""
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    [ref] = _engine(tiny_models).generate([PROMPT], params)
+    earlier = ref.token_ids[:7]
+    prefill, decode = _engine(tiny_models), _engine(tiny_models, chunked_prefill=False)
+    prefill.add_request("r", PROMPT, params, output_ids=earlier, prefill_only=True, text_sent=3)
+    [first] = _run(prefill)
+    assert first.finish_reason == "handoff" and first.new_token_ids == ref.token_ids[7:8]
+    held = prefill.held["r"]
+    prompt_ids = held.token_ids[:held.num_prompt]
+    blocks = decode.reserve("r", held.num_computed, lease_s=10)
+    assert blocks is not None
+    decode.runner.blocks()[:, :, blocks] = prefill.runner.blocks()[:, :, held.block_ids[:len(blocks)]]
+    prefill.release("r")
+    decode.add_prefilled("r", prompt_ids, first.new_token_ids[0], params, text_sent=len(first.new_text),
+                         output_ids=earlier, earlier_sent=3)
+    rest = _run(decode)
+    assert ref.token_ids[:8] + [t for o in rest for t in o.new_token_ids] == ref.token_ids
+    assert ref.text[:3] + first.new_text + "".join(o.new_text for o in rest) == ref.text
+    assert rest[-1].num_output_tokens == 20 and decode.pool.num_used == 0

@@ -144,6 +144,7 @@ class Engine:
         self.seqs: dict[str, Seq] = {}
         self.texts: dict[str, _Text] = {}
         self.held: dict[str, Seq] = {}  # prefilled, finished "handoff", blocks kept until release()
+        self.ended: list[RequestOutput] = []  # resumed requests that had every token: reported by the next step
         self.reserved: dict[str, tuple[list[int], float]] = {}  # incoming transfers: blocks, deadline
         self.num_steps = 0
         self.current: list[Seq] = []  # the sequences of the step in progress (for per-step tracing)
@@ -168,7 +169,23 @@ class Engine:
         seq = self._new_seq(request_id, prompt, params, output_ids)
         seq.prefill_only = prefill_only
         self._register(seq, text_sent)
+        if seq.num_output >= seq.params.max_tokens:
+            self._end_resumed(seq)
+            return
         self.scheduler.add(seq)
+
+    def _end_resumed(self, seq: Seq) -> None:
+        """A resumed request that already has all its tokens (only its last message was lost): it ends at the
+        next step with the text still withheld, as the first worker would have ended it."""
+        state = self.texts.pop(seq.request_id)
+        del self.seqs[seq.request_id]
+        text, reason = state.text, "length"
+        hit = _find_stop(text, len(text) - state.sent, seq.params.stop) if seq.params.stop else None
+        if hit is not None:
+            text = text[:hit[0] + (len(hit[1]) if seq.params.include_stop_str_in_output else 0)]
+            reason = "stop"
+        self.ended.append(RequestOutput(seq.request_id, [], text[state.sent:], True, reason,
+                                        hit[1] if hit is not None else None, seq.num_prompt, 0, seq.num_output))
 
     def _new_seq(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
                  output_ids: Sequence[int]) -> Seq:
@@ -193,8 +210,8 @@ class Engine:
         except ValueError as e:
             raise InvalidRequest(str(e), getattr(e, "param", None)) from e
         self.check_prompt(prompt_ids, params)
-        if len(output_ids) >= params.max_tokens:
-            raise InvalidRequest("the request already generated max_tokens tokens", "max_tokens")
+        if len(output_ids) > params.max_tokens:
+            raise InvalidRequest("the request already generated more than max_tokens tokens", "max_tokens")
 
     def _register(self, seq: Seq, text_sent: int | None = None) -> None:
         """Track `seq`; a resumed one replays its earlier tokens through the detokenizer, so that the text
@@ -237,25 +254,34 @@ class Engine:
         return gone
 
     def add_prefilled(self, request_id: str, prompt_ids: Sequence[int], first_token: int,
-                      params: SamplingParams, num_cached: int = 0, text_sent: int | None = None) -> None:
-        """Continue a request whose prompt KV arrived in its reserved blocks and whose first token is known.
+                      params: SamplingParams, num_cached: int = 0, text_sent: int | None = None,
+                      output_ids: Sequence[int] = (), earlier_sent: int | None = None) -> None:
+        """Continue a request whose KV arrived in its reserved blocks and whose next token is known.
 
-        `text_sent`: chars of the first token's text the prefill worker emitted (it withholds incomplete
-        UTF-8 and what could begin a stop string); the rest is emitted here.
+        `output_ids`: tokens the request had generated before this prefill (a replay), whose KV came too.
+        `text_sent`: chars of the first token's text the prefill worker emitted (it withholds incomplete UTF-8
+        and what could begin a stop string); the rest is emitted here. `earlier_sent`: chars of the earlier
+        tokens' text the client had (None: all of it).
         """
         entry = self.reserved.get(request_id)
         if entry is None:
             raise InvalidRequest(f"no reservation for request {request_id!r} (lease expired?)", "request_id")
-        seq = self._new_seq(request_id, prompt_ids, params, [first_token])
+        seq = self._new_seq(request_id, prompt_ids, params, [*output_ids, first_token])
+        computed = seq.num_prompt + len(output_ids)
         blocks = entry[0]
-        if len(blocks) * self.pool.block_size < seq.num_prompt:
+        if len(blocks) * self.pool.block_size < computed:
             raise InvalidRequest(f"reservation of {len(blocks)} blocks is too small for the prompt", "prompt")
         del self.reserved[request_id]
         seq.block_ids = list(blocks)
-        seq.num_computed = seq.num_prompt
+        seq.num_computed = computed
         seq.num_cached = num_cached
         seq.first_token_time = time.monotonic()
-        self._register(seq, text_sent)
+        base = 0
+        if output_ids:  # where the first token's text starts: after what the client had of the earlier text
+            earlier = Detokenizer(self.tokenizer, seq.token_ids[:seq.num_prompt])
+            full = len("".join(earlier.add(t) for t in output_ids))
+            base = full if earlier_sent is None else min(max(earlier_sent, 0), full)
+        self._register(seq, None if text_sent is None else base + text_sent)
         self.kv.commit(seq)
         self.scheduler.add_running(seq)
 
@@ -305,14 +331,15 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.ended)
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report what changed."""
+        ended, self.ended = self.ended, []
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return ended
         self.current = batch.seqs
         logits, samplers = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
@@ -320,11 +347,11 @@ class Engine:
             self.kv.commit(seq)
         self.num_steps += 1
         if not samplers:
-            return []
+            return ended
         rows = [_row(s) for s in samplers]
         sampled = self.sampler(logits, rows)
         now = time.monotonic()
-        return [self._append(seq, smp, now) for seq, smp in zip(samplers, sampled, strict=True)]
+        return ended + [self._append(seq, smp, now) for seq, smp in zip(samplers, sampled, strict=True)]
 
     def _append(self, seq: Seq, smp: Sampled, now: float) -> RequestOutput:
         token = smp.token_id

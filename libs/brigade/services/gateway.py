@@ -255,7 +255,7 @@ class Flow:
             try:
                 index, chunk = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                silent_until = min(t + cfg.token_timeout for t, done in zip(last, self.finished, strict=True)
+                silent_until = min(t + self._check_after() for t, done in zip(last, self.finished, strict=True)
                                    if not done)
                 try:
                     # timeout_at, not wait_for: wait_for wraps the get in a new task, once per token.
@@ -265,7 +265,9 @@ class Flow:
                     if loop.time() >= deadline:
                         raise api.ApiError(504, f"request timed out after {cfg.request_timeout}s",
                                            code="timeout") from None
-                    self._wait_on_busy_workers(last)
+                    for index in self._stalled(last):
+                        await self.replay(index, "stalled")
+                        last[index] = loop.time()
                     continue
             if not isinstance(chunk, P.TokenChunk):
                 if chunk is _Signal.SHUTDOWN:
@@ -314,17 +316,27 @@ class Flow:
                 self.completion_tokens += chunk.completion_tokens
             yield index, chunk
 
-    def _wait_on_busy_workers(self, last: list[float]) -> None:
-        """Some choice heard nothing for token_timeout: a request queued behind others on a live worker that is
-        busy simply waits (its silence clock restarts); anything else is a 504."""
+    def _check_after(self) -> float:
+        """Seconds of silence before a choice's worker is looked at (`_stalled`)."""
+        return min(self.gw.config.token_timeout, self.gw.config.stall_timeout)
+
+    def _stalled(self, last: list[float]) -> list[int]:
+        """Choices silent for `_check_after()`: one on a live, busy worker is queued there and simply waits (its
+        clock restarts); one whose worker is alive but idle has lost its tokens on the way (a bus node died
+        with its last message, say) and is replayed from what the client has; with no replay left, a 504."""
         now = asyncio.get_running_loop().time()
-        timeout = self.gw.config.token_timeout
+        cfg = self.gw.config
+        stalled = []
         for i, done in enumerate(self.finished):
-            if done or last[i] + timeout > now:
+            if done or last[i] + self._check_after() > now:
                 continue
-            if not self.gw.busy(self.worker[i]):
-                raise api.ApiError(504, f"no tokens for {timeout}s", code="timeout")
-            last[i] = now
+            if self.gw.busy(self.worker[i]):
+                last[i] = now
+            elif self.replays[i] < cfg.max_replays and self.worker[i]:
+                stalled.append(i)
+            elif last[i] + cfg.token_timeout <= now:
+                raise api.ApiError(504, f"no tokens for {cfg.token_timeout}s", code="timeout")
+        return stalled
 
     def push(self, index: int, item: P.TokenChunk | _Signal | P.ProtocolError) -> None:
         """Queue an item for choice `index`; a stream whose client has left this much unread is cut off."""

@@ -240,9 +240,9 @@ class Worker:
             held = self.engine.held.get(rid)
             if held is None or rid in self.cancelled:
                 return
-            num_prompt = held.num_prompt
+            computed = held.num_computed  # the prompt, and the tokens a replayed request had generated
             alloc = P.Allocation.decode(await self.bus.request(
-                P.worker_allocate(dest), P.Allocate(rid, num_prompt, self.config.lease_s, req.reply_to),
+                P.worker_allocate(dest), P.Allocate(rid, computed, self.config.lease_s, req.reply_to),
                 timeout=timeout, headers=tracing.headers(span)))
             if alloc.error:
                 raise transfer.TransferError(f"decode worker {dest} refused allocation: {alloc.error}")
@@ -390,7 +390,7 @@ class Worker:
             params = SamplingParams.from_dict(req.params)
             await self._compile(params)
             await self.aengine.call(self.engine.add_prefilled, rid, req.prompt_ids, h.first_token, params, h.num_cached,
-                                    h.text_sent)
+                                    h.text_sent, req.output_ids, req.text_sent)
         except (InvalidRequest, ValueError) as e:
             self.active.pop(rid, None)
             await self.aengine.call(self.engine.abort, rid)
