@@ -39,8 +39,7 @@ def test_every_service_gets_every_node(up: Up) -> None:
         assert urls == [n.url for n in up.nats.nodes]
 
 
-@pytest.mark.parametrize("node", [0, 1])
-def test_a_node_killed_under_40_streams(up: Up, node: int) -> None:
+def test_a_node_killed_under_40_streams(up: Up, node: int = 0) -> None:
     with httpx.Client(base_url=up.url, timeout=60) as client:
         reference = [client.post("/v1/completions", json=_body(i, False)).json()["choices"][0]["text"]
                      for i in range(STREAMS)]
