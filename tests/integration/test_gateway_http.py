@@ -253,10 +253,11 @@ async def test_no_worker_is_503(nats_url: str, tok: Tokenizer) -> None:
             assert r.json()["error"]["code"] == "no_worker_available"
         health = await s.client.get("/health")  # connected to NATS, but no worker: not ready
         assert health.status_code == 503 and health.json()["reason"] == "no worker serving the model yet"
-    async with gateway(nats_url, tok) as s:  # a router that answers "nobody free"
+    async with gateway(nats_url, tok, route_timeout=0.5) as s:  # a router that answers "nobody free"
         s.responder.code = 503
         r = await s.client.post("/v1/completions", json=COMPLETION)
         assert r.status_code == 503 and "no worker available" in r.json()["error"]["message"]
+        assert len(s.responder.requests) > 1  # asked again within the route timeout before giving up
 
 
 async def test_overload_is_429(nats_url: str, tok: Tokenizer) -> None:

@@ -182,20 +182,25 @@ class Flow:
         deadline = loop.time() + gw.config.route_timeout
         delay = 0.05
         while True:
+            why = ""
             try:
                 reply = await gw.bus.request(P.ROUTER_GENERATE, msg, timeout=max(deadline - loop.time(), 0.05),
                                              headers=tracing.headers(self.span))
                 accepted = P.Accepted.decode(reply)
-                break
+                if accepted.code != 503:
+                    break
+                why = accepted.error or "503"
             except NoResponders as e:
-                # No router subscribed: one may be reconnecting after the bus came back. Ask again while the
-                # route timeout lasts.
-                if loop.time() + delay >= deadline:
-                    raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 0.5)
+                why = str(e)
             except (BusError, P.ProtocolError, ConnectionClosedError) as e:
                 raise api.ApiError(503, f"no worker available ({e})", code="no_worker_available") from e
+            # No router subscribed, or no worker it can place the request on: right after the bus came back, both
+            # are reconnecting (the router's heartbeats from workers are late). Ask again while the route timeout
+            # lasts.
+            if loop.time() + delay >= deadline:
+                raise api.ApiError(503, f"no worker available ({why})", code="no_worker_available")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
         if accepted.code == 400:  # the worker judged the request itself invalid: the client's problem
             raise api.ApiError(400, accepted.error or "invalid request")
         if accepted.code != 200:
