@@ -179,13 +179,12 @@ class Engine:
         next step with the text still withheld, as the first worker would have ended it."""
         state = self.texts.pop(seq.request_id)
         del self.seqs[seq.request_id]
-        text, reason = state.text, "length"
-        hit = _find_stop(text, len(text) - state.sent, seq.params.stop) if seq.params.stop else None
-        if hit is not None:
-            text = text[:hit[0] + (len(hit[1]) if seq.params.include_stop_str_in_output else 0)]
-            reason = "stop"
-        self.ended.append(RequestOutput(seq.request_id, [], text[state.sent:], True, reason,
-                                        hit[1] if hit is not None else None, seq.num_prompt, 0, seq.num_output))
+        text, reason, stop = state.text, "length", None
+        cut = _cut_at_stop(text, len(text) - state.sent, seq.params)
+        if cut is not None:
+            (text, stop), reason = cut, "stop"
+        self.ended.append(RequestOutput(seq.request_id, [], text[state.sent:], True, reason, stop, seq.num_prompt,
+                                        0, seq.num_output))
 
     def _new_seq(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
                  output_ids: Sequence[int]) -> Seq:
@@ -366,11 +365,9 @@ class Engine:
         state.text += delta
         reason: str | None = None
         stop_reason: str | int | None = None
-        if p.stop and delta:
-            hit = _find_stop(state.text, len(delta), p.stop)
-            if hit is not None:
-                state.text = state.text[:hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)]
-                reason, stop_reason = "stop", hit[1]
+        cut = _cut_at_stop(state.text, len(delta), p) if delta else None
+        if cut is not None:
+            (state.text, stop_reason), reason = cut, "stop"
         if seq.matcher is not None and reason is None:
             seq.matcher.consume_token(token)
             if seq.matcher.is_stopped():  # the output is complete (EOS taken), even under ignore_eos
@@ -465,6 +462,15 @@ def _generator(seq: Seq) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator().manual_seed((seed * 1_000_003 + seq.num_output) % (1 << 63))
+
+
+def _cut_at_stop(text: str, delta_len: int, p: SamplingParams) -> tuple[str, str] | None:
+    """(text up to the earliest stop string ending in the newest `delta_len` chars, that stop), or None; the
+    stop itself is kept when include_stop_str_in_output asks for it."""
+    hit = _find_stop(text, delta_len, p.stop) if p.stop else None
+    if hit is None:
+        return None
+    return text[:hit[0] + (len(hit[1]) if p.include_stop_str_in_output else 0)], hit[1]
 
 
 def _find_stop(text: str, delta_len: int, stops: Sequence[str]) -> tuple[int, str] | None:
