@@ -153,7 +153,10 @@ def check_answer(case: schemathesis.Case, response: schemathesis.Response) -> No
     if not kind.startswith("text/event-stream"):
         return
     assert not response.stream_cut_short, _report(case, response, f"the stream took over {CASE_TIMEOUT_S} s")
-    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    # SSE lines end at CR or LF only: str.splitlines would also cut at \x1c, \x85 or U+2028, which JSON
+    # carries unescaped inside a random model's text.
+    lines = response.text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", _report(case, response, "the stream does not end with [DONE]")
     for event in events[:-1]:
         error = json.loads(event).get("error")

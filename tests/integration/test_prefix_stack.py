@@ -65,15 +65,18 @@ def test_follow_ups_stick_to_their_cache_and_survive_failures(up: Up) -> None:
 
     # A restarted router rebuilds its registry from the workers and keeps routing by prefix.
     up.restart("router")
-    time.sleep(2.0)  # a heartbeat round: the new router learns the workers and pulls their dumps
     deadline = time.monotonic() + 30
-    while True:
+    while True:  # the new router serves (an unrelated conversation) ...
         try:
-            history2 = history + [40] * 8
-            worker, deltas = _turn(up, history2)
+            _turn(up, _conversation(99))
             break
         except AssertionError:
             assert time.monotonic() < deadline, "the restarted router never served"
             time.sleep(0.5)
+    # ... then a heartbeat round: it has heard every worker and pulled their dumps. (The gateway asks a router
+    # that has heard no worker yet again, so the first turn can land before the dumps are in.)
+    time.sleep(2.0)
+    history2 = history + [40] * 8
+    worker, deltas = _turn(up, history2)
     assert worker == new_home
     assert deltas[worker][1] >= 0.9 * DOC_TOKENS
